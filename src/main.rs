@@ -1,0 +1,5 @@
+use anyhow::Result;
+
+fn main() -> Result<()> {
+    Ok(())
+}
