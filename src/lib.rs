@@ -11,4 +11,4 @@ pub mod optim;
 pub mod record;
 pub mod shards;
 pub mod source;
-pub mod train;
+// pub mod train; (wired once the ODC memory lands)

@@ -1,1 +1,242 @@
-//! trainer step
+//! The training step: batch → forward (train mode) → labels from the ODC memory → weighted
+//! cross-entropy → backward → SGD → memory update → centroids / small clusters.
+//!
+//! Order follows the reference (ODC_SPEC §1.4): the loss uses the labels held in memory
+//! BEFORE this step's update (unseen keys are first labelled by their nearest centroid) and
+//! the class weights computed at the end of the previous step.
+
+use std::time::Instant;
+
+use candle_core::{Device, Tensor, D};
+use serde::{Deserialize, Serialize};
+
+use crate::model::{ModelConfig, ModelError, OdcModel};
+use crate::odc::{self, OdcError, StreamingMemory};
+use crate::optim::{OptimError, Sgd, SgdConfig};
+
+#[derive(Debug, thiserror::Error)]
+pub enum TrainError {
+    #[error(transparent)]
+    Model(#[from] ModelError),
+    #[error(transparent)]
+    Optim(#[from] OptimError),
+    #[error(transparent)]
+    Odc(#[from] OdcError),
+    #[error("tensor error: {0}")]
+    Candle(#[from] candle_core::Error),
+    #[error("batch has {images} images but {keys} keys")]
+    BatchMismatch { images: usize, keys: usize },
+    #[error("loss is not finite ({0}) at step {1}: lower optimizer.lr or check the input normalisation")]
+    NonFinite(f32, u64),
+    #[error("{0}")]
+    Config(String),
+}
+
+/// Wall time of each part of a step, in seconds.
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+pub struct StepTimings {
+    pub forward: f64,
+    pub backward: f64,
+    pub optimizer: f64,
+    pub memory: f64,
+}
+
+/// What one training step produced.
+#[derive(Debug, Clone)]
+pub struct StepOutput {
+    pub step: u64,
+    pub loss: f32,
+    /// Top-1 accuracy of the head against the memory labels used by the loss.
+    pub accuracy: f32,
+    /// (B × D) train-mode neck features, row-major.
+    pub features: Vec<f32>,
+    /// The labels the loss used (stale memory labels, nearest centroid for unseen keys).
+    pub labels_used: Vec<u32>,
+    /// Labels in memory after this step's update and small-cluster handling.
+    pub labels_after: Vec<u32>,
+    pub change_ratio: f64,
+    pub lr: f64,
+    /// Cluster ids re-seeded this step (their head rows were re-drawn when enabled).
+    pub reseeded: Vec<u32>,
+    pub timings: StepTimings,
+}
+
+/// The result of the initial clustering on the warm-up buffer.
+#[derive(Debug, Clone, Serialize)]
+pub struct InitReport {
+    pub samples: usize,
+    pub seconds: f64,
+    pub empty_after_kmeans: usize,
+    pub empty_after_fix: usize,
+    pub min_size: usize,
+    pub max_size: usize,
+}
+
+pub struct Trainer {
+    model: OdcModel,
+    opt: Sgd,
+    memory: StreamingMemory,
+    odc_cfg: odc::OdcConfig,
+    step: u64,
+    seed: u64,
+}
+
+impl Trainer {
+    pub fn new(
+        model_cfg: &ModelConfig,
+        odc_cfg: &odc::OdcConfig,
+        sgd_cfg: &SgdConfig,
+        device: &Device,
+        seed: u64,
+    ) -> Result<Self, TrainError> {
+        let model = OdcModel::new(model_cfg, odc_cfg.num_clusters, device, seed)?;
+        let opt = Sgd::new(sgd_cfg.clone(), model.params().params())?;
+        let memory = StreamingMemory::new(odc_cfg, model_cfg.feat_dim)?;
+        Ok(Trainer {
+            model,
+            opt,
+            memory,
+            odc_cfg: odc_cfg.clone(),
+            step: 0,
+            seed,
+        })
+    }
+
+    pub fn model(&self) -> &OdcModel {
+        &self.model
+    }
+    pub fn model_mut(&mut self) -> &mut OdcModel {
+        &mut self.model
+    }
+    pub fn memory(&self) -> &StreamingMemory {
+        &self.memory
+    }
+    pub fn memory_mut(&mut self) -> &mut StreamingMemory {
+        &mut self.memory
+    }
+    pub fn optimizer(&self) -> &Sgd {
+        &self.opt
+    }
+    pub fn optimizer_mut(&mut self) -> &mut Sgd {
+        &mut self.opt
+    }
+    pub fn step_count(&self) -> u64 {
+        self.step
+    }
+    pub fn set_step(&mut self, step: u64) {
+        self.step = step;
+    }
+
+    /// Eval-mode features (B × D, row-major) of a batch: for the warm-up clustering and
+    /// for embeddings.
+    pub fn embed(&self, images: &Tensor) -> Result<Vec<f32>, TrainError> {
+        let images = images.to_device(self.model.device())?;
+        let f = self.model.features_eval(&images)?;
+        Ok(f.flatten_all()?.to_vec1::<f32>()?)
+    }
+
+    /// Initial clustering (ODC_SPEC §1.3): k-means on the eval-mode features of the warm-up
+    /// buffer, memory initialised with them, small clusters handled so that none starts
+    /// empty, then the head is re-drawn N(0, 0.01).
+    pub fn initial_clustering(
+        &mut self,
+        keys: Vec<String>,
+        features: Vec<f32>,
+    ) -> Result<InitReport, TrainError> {
+        let t0 = Instant::now();
+        let d = self.model.config().feat_dim;
+        if features.len() != keys.len() * d {
+            return Err(TrainError::BatchMismatch {
+                images: features.len() / d.max(1),
+                keys: keys.len(),
+            });
+        }
+        let n = keys.len();
+        let report = self.memory.init_from_clustering(keys, features, self.seed)?;
+        self.model.reinit_head()?;
+        Ok(InitReport {
+            samples: n,
+            seconds: t0.elapsed().as_secs_f64(),
+            empty_after_kmeans: report.empty_after_kmeans,
+            empty_after_fix: report.empty_after_fix,
+            min_size: report.min_size,
+            max_size: report.max_size,
+        })
+    }
+
+    /// One training step on a batch (N, C, H, W) with its sample keys.
+    pub fn step(&mut self, images: &Tensor, keys: &[String]) -> Result<StepOutput, TrainError> {
+        let b = images.dim(0)?;
+        if b != keys.len() {
+            return Err(TrainError::BatchMismatch {
+                images: b,
+                keys: keys.len(),
+            });
+        }
+        let step = self.step;
+        let dev = self.model.device().clone();
+        let images = images.to_device(&dev)?;
+
+        let t0 = Instant::now();
+        // A per-step dropout seed keeps the step bit-for-bit reproducible.
+        let dropout_seed = self.seed ^ step.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        let out = self.model.forward_train(&images, dropout_seed)?;
+        let features = out.features.detach().flatten_all()?.to_vec1::<f32>()?;
+
+        let t_mem0 = Instant::now();
+        let prepared = self.memory.prepare(keys, &features)?;
+        let weights = self.memory.class_weights();
+        let mem_prepare = t_mem0.elapsed().as_secs_f64();
+
+        let targets = Tensor::from_vec(prepared.labels.clone(), b, &dev)?;
+        let w = Tensor::from_vec(weights, self.odc_cfg.num_clusters, &dev)?;
+        let loss = odc::weighted_cross_entropy_tensor(&out.logits, &targets, &w)?;
+        let loss_v = loss.to_scalar::<f32>()?;
+        if !loss_v.is_finite() {
+            return Err(TrainError::NonFinite(loss_v, step));
+        }
+        let accuracy = {
+            let pred = out.logits.detach().argmax(D::Minus1)?.to_vec1::<u32>()?;
+            let hits = pred
+                .iter()
+                .zip(prepared.labels.iter())
+                .filter(|(a, b)| a == b)
+                .count();
+            hits as f32 / b.max(1) as f32
+        };
+        let t1 = Instant::now();
+        let grads = loss.backward()?;
+        let t2 = Instant::now();
+        let lr = self.opt.step(&grads, step)?;
+        drop(grads);
+        let t3 = Instant::now();
+
+        let upd = self.memory.update(keys, &features, &prepared)?;
+        let after = self.memory.after_step(step)?;
+        let labels_after = self.memory.labels_of(keys);
+        let reseeded: Vec<u32> = after.reseeded.clone();
+        if self.odc_cfg.reinit_reseeded_heads && !reseeded.is_empty() {
+            let rows: Vec<usize> = reseeded.iter().map(|&r| r as usize).collect();
+            self.model.reinit_head_rows(&rows)?;
+        }
+        let t4 = Instant::now();
+        self.step += 1;
+        Ok(StepOutput {
+            step,
+            loss: loss_v,
+            accuracy,
+            features,
+            labels_used: prepared.labels,
+            labels_after,
+            change_ratio: upd.change_ratio,
+            lr,
+            reseeded,
+            timings: StepTimings {
+                forward: (t1 - t0).as_secs_f64() - mem_prepare,
+                backward: (t2 - t1).as_secs_f64(),
+                optimizer: (t3 - t2).as_secs_f64(),
+                memory: (t4 - t3).as_secs_f64() + mem_prepare,
+            },
+        })
+    }
+}

@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Installs what odcd's quickstart and tests need on a fresh Debian machine (run as root or
+# with sudo available): system packages, the Fashion-MNIST data set from Debian, and the
+# real services the integration tests start (moto_server for S3).
+set -euo pipefail
+
+SUDO=""
+if [ "$(id -u)" != 0 ]; then SUDO="sudo"; fi
+
+need_apt=()
+[ -d /usr/share/datasets/fashion-mnist ] || need_apt+=(dataset-fashion-mnist)
+command -v cc >/dev/null || need_apt+=(build-essential)
+command -v pkg-config >/dev/null || need_apt+=(pkg-config)
+command -v python3 >/dev/null || need_apt+=(python3 python3-pip)
+if [ ${#need_apt[@]} -gt 0 ]; then
+  export DEBIAN_FRONTEND=noninteractive
+  $SUDO apt-get update -qq
+  $SUDO apt-get install -y -qq "${need_apt[@]}"
+fi
+
+if ! command -v cargo >/dev/null; then
+  if [ -x "$HOME/.cargo/bin/cargo" ]; then
+    export PATH="$HOME/.cargo/bin:$PATH"
+  else
+    echo "cargo not found: install Rust first (https://rustup.rs), then re-run" >&2
+    exit 1
+  fi
+fi
+
+# S3-compatible server for the object-store tests.
+if ! command -v moto_server >/dev/null; then
+  python3 -m pip install --quiet --disable-pip-version-check 'moto[server]'
+fi

@@ -1,0 +1,313 @@
+//! Padded, overlapping max-pool (the ResNet stem's 3×3 stride-2 pad-1) with a backward pass.
+//!
+//! candle 0.11 has neither padding for max-pool nor a backward for overlapping windows, so
+//! this is a `CustomOp1` whose backward is a second custom op that recomputes the argmax
+//! (first maximum wins, as PyTorch) and scatters the gradient. CPU kernels run on rayon
+//! over (N·C) planes. On other devices the forward falls back to candle ops (valid for the
+//! non-negative input the stem feeds it, after ReLU).
+
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Shape, Tensor};
+use rayon::prelude::*;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MaxPool2d {
+    pub kernel: usize,
+    pub stride: usize,
+    pub padding: usize,
+}
+
+impl MaxPool2d {
+    pub fn new(kernel: usize, stride: usize, padding: usize) -> Self {
+        MaxPool2d {
+            kernel,
+            stride,
+            padding,
+        }
+    }
+
+    fn out_size(&self, n: usize) -> candle_core::Result<usize> {
+        let padded = n + 2 * self.padding;
+        if self.kernel == 0 || self.stride == 0 || padded < self.kernel {
+            candle_core::bail!(
+                "max-pool kernel {} stride {} padding {} does not fit input size {}",
+                self.kernel,
+                self.stride,
+                self.padding,
+                n
+            );
+        }
+        if self.padding * 2 > self.kernel {
+            candle_core::bail!("max-pool padding must be at most half the kernel size");
+        }
+        Ok((padded - self.kernel) / self.stride + 1)
+    }
+
+    /// Forward with backward support. Input (N, C, H, W) f32.
+    pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        if x.device().is_cpu() {
+            x.contiguous()?.apply_op1(*self)
+        } else {
+            self.forward_generic(x)
+        }
+    }
+
+    /// Device-agnostic path: zero padding (the input is non-negative after ReLU) followed
+    /// by candle's max-pool. Used on CUDA.
+    fn forward_generic(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let p = self.padding;
+        let x = x.pad_with_zeros(2, p, p)?.pad_with_zeros(3, p, p)?;
+        x.max_pool2d_with_stride(self.kernel, self.stride)
+    }
+
+    /// Index (within the input plane) of the maximum of every window; -1 when a window
+    /// holds only padding (impossible with padding ≤ kernel/2, kept for safety).
+    fn argmax_plane(
+        &self,
+        plane: &[f32],
+        h: usize,
+        w: usize,
+        ho: usize,
+        wo: usize,
+        out: &mut [i64],
+    ) {
+        let (k, s, p) = (
+            self.kernel as isize,
+            self.stride as isize,
+            self.padding as isize,
+        );
+        for oy in 0..ho {
+            for ox in 0..wo {
+                let y0 = oy as isize * s - p;
+                let x0 = ox as isize * s - p;
+                let mut best = f32::NEG_INFINITY;
+                let mut best_i: i64 = -1;
+                for dy in 0..k {
+                    let y = y0 + dy;
+                    if y < 0 || y >= h as isize {
+                        continue;
+                    }
+                    let row = &plane[y as usize * w..(y as usize + 1) * w];
+                    for dx in 0..k {
+                        let xx = x0 + dx;
+                        if xx < 0 || xx >= w as isize {
+                            continue;
+                        }
+                        let v = row[xx as usize];
+                        // strict `>` keeps the first maximum; NaN propagates like PyTorch
+                        if v > best || (v.is_nan() && !best.is_nan()) || best_i < 0 {
+                            best = v;
+                            best_i = y as i64 * w as i64 + xx as i64;
+                        }
+                    }
+                }
+                out[oy * wo + ox] = best_i;
+            }
+        }
+    }
+}
+
+fn dims4(layout: &Layout) -> candle_core::Result<(usize, usize, usize, usize)> {
+    layout.shape().dims4()
+}
+
+fn contiguous_f32<'a>(s: &'a CpuStorage, layout: &Layout) -> candle_core::Result<&'a [f32]> {
+    let data = match s {
+        CpuStorage::F32(v) => v.as_slice(),
+        _ => candle_core::bail!("max-pool supports f32 only"),
+    };
+    match layout.contiguous_offsets() {
+        Some((a, b)) => Ok(&data[a..b]),
+        None => candle_core::bail!("max-pool needs a contiguous input"),
+    }
+}
+
+impl CustomOp1 for MaxPool2d {
+    fn name(&self) -> &'static str {
+        "odcd-max-pool2d"
+    }
+
+    fn cpu_fwd(
+        &self,
+        storage: &CpuStorage,
+        layout: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (n, c, h, w) = dims4(layout)?;
+        let (ho, wo) = (self.out_size(h)?, self.out_size(w)?);
+        let x = contiguous_f32(storage, layout)?;
+        let mut out = vec![0f32; n * c * ho * wo];
+        out.par_chunks_mut(ho * wo)
+            .zip(x.par_chunks(h * w))
+            .for_each(|(o, plane)| {
+                let mut idx = vec![0i64; ho * wo];
+                self.argmax_plane(plane, h, w, ho, wo, &mut idx);
+                for (ov, &i) in o.iter_mut().zip(idx.iter()) {
+                    *ov = if i >= 0 {
+                        plane[i as usize]
+                    } else {
+                        f32::NEG_INFINITY
+                    };
+                }
+            });
+        Ok((CpuStorage::F32(out), Shape::from((n, c, ho, wo))))
+    }
+
+    fn bwd(
+        &self,
+        arg: &Tensor,
+        _res: &Tensor,
+        grad_res: &Tensor,
+    ) -> candle_core::Result<Option<Tensor>> {
+        let g = arg.apply_op2_no_bwd(&grad_res.contiguous()?, &MaxPool2dBackward(*self))?;
+        Ok(Some(g))
+    }
+}
+
+/// Gradient of [`MaxPool2d`] w.r.t. its input: (input, grad_out) → grad_in.
+struct MaxPool2dBackward(MaxPool2d);
+
+impl CustomOp2 for MaxPool2dBackward {
+    fn name(&self) -> &'static str {
+        "odcd-max-pool2d-backward"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (n, c, h, w) = dims4(l1)?;
+        let (n2, c2, ho, wo) = dims4(l2)?;
+        if (n, c) != (n2, c2) || ho != self.0.out_size(h)? || wo != self.0.out_size(w)? {
+            candle_core::bail!("max-pool backward: gradient shape does not match the input");
+        }
+        let x = contiguous_f32(s1, l1)?;
+        let g = contiguous_f32(s2, l2)?;
+        let mut out = vec![0f32; n * c * h * w];
+        out.par_chunks_mut(h * w)
+            .zip(x.par_chunks(h * w).zip(g.par_chunks(ho * wo)))
+            .for_each(|(o, (plane, gp))| {
+                let mut idx = vec![0i64; ho * wo];
+                self.0.argmax_plane(plane, h, w, ho, wo, &mut idx);
+                for (&i, &gv) in idx.iter().zip(gp.iter()) {
+                    if i >= 0 {
+                        o[i as usize] += gv;
+                    }
+                }
+            });
+        Ok((CpuStorage::F32(out), Shape::from((n, c, h, w))))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Var};
+    use rand::{Rng, SeedableRng};
+
+    /// Naive reference: values and the gradient of sum(out * g) by finite reasoning
+    /// (route each output gradient to its window's first maximum).
+    fn naive(
+        x: &[f32],
+        n: usize,
+        c: usize,
+        h: usize,
+        w: usize,
+        mp: MaxPool2d,
+        g: &[f32],
+    ) -> (Vec<f32>, Vec<f32>) {
+        let ho = (h + 2 * mp.padding - mp.kernel) / mp.stride + 1;
+        let wo = (w + 2 * mp.padding - mp.kernel) / mp.stride + 1;
+        let mut out = vec![0f32; n * c * ho * wo];
+        let mut grad = vec![0f32; n * c * h * w];
+        for pl in 0..n * c {
+            for oy in 0..ho {
+                for ox in 0..wo {
+                    let mut best = f32::NEG_INFINITY;
+                    let mut bi = usize::MAX;
+                    for dy in 0..mp.kernel {
+                        for dx in 0..mp.kernel {
+                            let y = (oy * mp.stride + dy) as isize - mp.padding as isize;
+                            let xx = (ox * mp.stride + dx) as isize - mp.padding as isize;
+                            if y < 0 || xx < 0 || y >= h as isize || xx >= w as isize {
+                                continue;
+                            }
+                            let i = pl * h * w + y as usize * w + xx as usize;
+                            if bi == usize::MAX || x[i] > best {
+                                best = x[i];
+                                bi = i;
+                            }
+                        }
+                    }
+                    let o = pl * ho * wo + oy * wo + ox;
+                    out[o] = best;
+                    grad[bi] += g[o];
+                }
+            }
+        }
+        (out, grad)
+    }
+
+    #[test]
+    fn matches_naive_forward_and_backward_on_random_shapes() -> candle_core::Result<()> {
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(3);
+        let configs = [
+            (3, 2, 1),
+            (2, 2, 0),
+            (3, 1, 1),
+            (3, 2, 0),
+            (2, 1, 1),
+            (5, 3, 2),
+        ];
+        for &(k, s, p) in &configs {
+            for &(h, w) in &[(7usize, 5usize), (8, 8), (5, 9), (13, 11)] {
+                if h + 2 * p < k || w + 2 * p < k {
+                    continue;
+                }
+                let (n, c) = (2, 3);
+                // values on a coarse grid so exact ties occur and the tie rule is tested
+                let xs: Vec<f32> = (0..n * c * h * w)
+                    .map(|_| rng.random_range(0..6) as f32 - 2.0)
+                    .collect();
+                let mp = MaxPool2d::new(k, s, p);
+                let x =
+                    Var::from_tensor(&Tensor::from_vec(xs.clone(), (n, c, h, w), &Device::Cpu)?)?;
+                let out = mp.forward(x.as_tensor())?;
+                let (_, _, ho, wo) = out.dims4()?;
+                let gs: Vec<f32> = (0..n * c * ho * wo).map(|_| rng.random::<f32>()).collect();
+                let gt = Tensor::from_vec(gs.clone(), (n, c, ho, wo), &Device::Cpu)?;
+                let loss = (out.clone() * gt)?.sum_all()?;
+                let grads = loss.backward()?;
+                let gx = grads
+                    .get(x.as_tensor())
+                    .expect("grad exists")
+                    .flatten_all()?
+                    .to_vec1::<f32>()?;
+                let (eo, eg) = naive(&xs, n, c, h, w, mp, &gs);
+                assert_eq!(
+                    out.flatten_all()?.to_vec1::<f32>()?,
+                    eo,
+                    "forward k{k} s{s} p{p} {h}x{w}"
+                );
+                for (a, b) in gx.iter().zip(eg.iter()) {
+                    assert!(
+                        (a - b).abs() < 1e-5,
+                        "backward k{k} s{s} p{p} {h}x{w}: {a} vs {b}"
+                    );
+                }
+            }
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn generic_path_agrees_on_nonnegative_input() -> candle_core::Result<()> {
+        let x = Tensor::rand(0f32, 1f32, (2, 4, 9, 10), &Device::Cpu)?;
+        let mp = MaxPool2d::new(3, 2, 1);
+        let a = mp.forward(&x)?.flatten_all()?.to_vec1::<f32>()?;
+        let b = mp.forward_generic(&x)?.flatten_all()?.to_vec1::<f32>()?;
+        assert_eq!(a, b);
+        Ok(())
+    }
+}

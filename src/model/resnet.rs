@@ -1,0 +1,249 @@
+//! ResNet-18 / ResNet-50 backbones with torchvision shapes and parameter names, plus a
+//! small-image stem (3×3 stride-1 conv, no max-pool) for 28–64 px inputs.
+
+use candle_core::Tensor;
+use serde::{Deserialize, Serialize};
+
+use super::layers::{BatchNorm, Conv2d};
+use super::maxpool::MaxPool2d;
+use super::params::ParamStore;
+use super::ModelError;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Arch {
+    Resnet18,
+    Resnet50,
+}
+
+impl Arch {
+    /// Channels of the last stage (the backbone's output feature size).
+    pub fn out_channels(self) -> usize {
+        match self {
+            Arch::Resnet18 => 512,
+            Arch::Resnet50 => 2048,
+        }
+    }
+}
+
+/// Backbone BatchNorm momentum (PyTorch default).
+const BN_MOMENTUM: f64 = 0.1;
+
+struct BasicBlock {
+    conv1: Conv2d,
+    bn1: BatchNorm,
+    conv2: Conv2d,
+    bn2: BatchNorm,
+    downsample: Option<(Conv2d, BatchNorm)>,
+}
+
+impl BasicBlock {
+    fn new(
+        ps: &mut ParamStore,
+        name: &str,
+        c_in: usize,
+        c_out: usize,
+        stride: usize,
+    ) -> Result<Self, ModelError> {
+        let downsample = if stride != 1 || c_in != c_out {
+            Some((
+                Conv2d::new(
+                    ps,
+                    &format!("{name}.downsample.0"),
+                    c_in,
+                    c_out,
+                    1,
+                    stride,
+                    0,
+                )?,
+                BatchNorm::new(
+                    ps,
+                    &format!("{name}.downsample.1"),
+                    c_out,
+                    true,
+                    BN_MOMENTUM,
+                )?,
+            ))
+        } else {
+            None
+        };
+        Ok(BasicBlock {
+            conv1: Conv2d::new(ps, &format!("{name}.conv1"), c_in, c_out, 3, stride, 1)?,
+            bn1: BatchNorm::new(ps, &format!("{name}.bn1"), c_out, true, BN_MOMENTUM)?,
+            conv2: Conv2d::new(ps, &format!("{name}.conv2"), c_out, c_out, 3, 1, 1)?,
+            bn2: BatchNorm::new(ps, &format!("{name}.bn2"), c_out, true, BN_MOMENTUM)?,
+            downsample,
+        })
+    }
+
+    fn forward(&self, x: &Tensor, train: bool) -> candle_core::Result<Tensor> {
+        let y = self.bn1.forward(&self.conv1.forward(x)?, train)?.relu()?;
+        let y = self.bn2.forward(&self.conv2.forward(&y)?, train)?;
+        let id = match &self.downsample {
+            Some((c, b)) => b.forward(&c.forward(x)?, train)?,
+            None => x.clone(),
+        };
+        (y + id)?.relu()
+    }
+}
+
+/// torchvision v1.5 bottleneck: the stride sits on the 3×3 conv.
+struct Bottleneck {
+    conv1: Conv2d,
+    bn1: BatchNorm,
+    conv2: Conv2d,
+    bn2: BatchNorm,
+    conv3: Conv2d,
+    bn3: BatchNorm,
+    downsample: Option<(Conv2d, BatchNorm)>,
+}
+
+impl Bottleneck {
+    fn new(
+        ps: &mut ParamStore,
+        name: &str,
+        c_in: usize,
+        width: usize,
+        stride: usize,
+    ) -> Result<Self, ModelError> {
+        let c_out = width * 4;
+        let downsample = if stride != 1 || c_in != c_out {
+            Some((
+                Conv2d::new(
+                    ps,
+                    &format!("{name}.downsample.0"),
+                    c_in,
+                    c_out,
+                    1,
+                    stride,
+                    0,
+                )?,
+                BatchNorm::new(
+                    ps,
+                    &format!("{name}.downsample.1"),
+                    c_out,
+                    true,
+                    BN_MOMENTUM,
+                )?,
+            ))
+        } else {
+            None
+        };
+        Ok(Bottleneck {
+            conv1: Conv2d::new(ps, &format!("{name}.conv1"), c_in, width, 1, 1, 0)?,
+            bn1: BatchNorm::new(ps, &format!("{name}.bn1"), width, true, BN_MOMENTUM)?,
+            conv2: Conv2d::new(ps, &format!("{name}.conv2"), width, width, 3, stride, 1)?,
+            bn2: BatchNorm::new(ps, &format!("{name}.bn2"), width, true, BN_MOMENTUM)?,
+            conv3: Conv2d::new(ps, &format!("{name}.conv3"), width, c_out, 1, 1, 0)?,
+            bn3: BatchNorm::new(ps, &format!("{name}.bn3"), c_out, true, BN_MOMENTUM)?,
+            downsample,
+        })
+    }
+
+    fn forward(&self, x: &Tensor, train: bool) -> candle_core::Result<Tensor> {
+        let y = self.bn1.forward(&self.conv1.forward(x)?, train)?.relu()?;
+        let y = self.bn2.forward(&self.conv2.forward(&y)?, train)?.relu()?;
+        let y = self.bn3.forward(&self.conv3.forward(&y)?, train)?;
+        let id = match &self.downsample {
+            Some((c, b)) => b.forward(&c.forward(x)?, train)?,
+            None => x.clone(),
+        };
+        (y + id)?.relu()
+    }
+}
+
+enum Block {
+    Basic(BasicBlock),
+    Bottleneck(Bottleneck),
+}
+
+impl Block {
+    fn forward(&self, x: &Tensor, train: bool) -> candle_core::Result<Tensor> {
+        match self {
+            Block::Basic(b) => b.forward(x, train),
+            Block::Bottleneck(b) => b.forward(x, train),
+        }
+    }
+}
+
+pub struct ResNet {
+    conv1: Conv2d,
+    bn1: BatchNorm,
+    maxpool: Option<MaxPool2d>,
+    blocks: Vec<Block>,
+    arch: Arch,
+}
+
+impl ResNet {
+    /// Builds the backbone under the name prefix `prefix` (e.g. `backbone`).
+    pub fn new(
+        ps: &mut ParamStore,
+        prefix: &str,
+        arch: Arch,
+        in_channels: usize,
+        small_stem: bool,
+    ) -> Result<Self, ModelError> {
+        let (conv1, maxpool) = if small_stem {
+            (
+                Conv2d::new(ps, &format!("{prefix}.conv1"), in_channels, 64, 3, 1, 1)?,
+                None,
+            )
+        } else {
+            (
+                Conv2d::new(ps, &format!("{prefix}.conv1"), in_channels, 64, 7, 2, 3)?,
+                Some(MaxPool2d::new(3, 2, 1)),
+            )
+        };
+        let bn1 = BatchNorm::new(ps, &format!("{prefix}.bn1"), 64, true, BN_MOMENTUM)?;
+        let depths: [usize; 4] = match arch {
+            Arch::Resnet18 => [2, 2, 2, 2],
+            Arch::Resnet50 => [3, 4, 6, 3],
+        };
+        let widths = [64usize, 128, 256, 512];
+        let mut blocks = Vec::new();
+        let mut c_in = 64;
+        for (stage, (&depth, &width)) in depths.iter().zip(widths.iter()).enumerate() {
+            for i in 0..depth {
+                let stride = if i == 0 && stage > 0 { 2 } else { 1 };
+                let name = format!("{prefix}.layer{}.{i}", stage + 1);
+                match arch {
+                    Arch::Resnet18 => {
+                        blocks.push(Block::Basic(BasicBlock::new(
+                            ps, &name, c_in, width, stride,
+                        )?));
+                        c_in = width;
+                    }
+                    Arch::Resnet50 => {
+                        blocks.push(Block::Bottleneck(Bottleneck::new(
+                            ps, &name, c_in, width, stride,
+                        )?));
+                        c_in = width * 4;
+                    }
+                }
+            }
+        }
+        Ok(ResNet {
+            conv1,
+            bn1,
+            maxpool,
+            blocks,
+            arch,
+        })
+    }
+
+    pub fn arch(&self) -> Arch {
+        self.arch
+    }
+
+    /// (N, C, H, W) → stage-4 map (N, C4, h, w).
+    pub fn forward(&self, x: &Tensor, train: bool) -> candle_core::Result<Tensor> {
+        let mut y = self.bn1.forward(&self.conv1.forward(x)?, train)?.relu()?;
+        if let Some(mp) = &self.maxpool {
+            y = mp.forward(&y)?;
+        }
+        for b in &self.blocks {
+            y = b.forward(&y, train)?;
+        }
+        Ok(y)
+    }
+}
