@@ -27,7 +27,7 @@ if ! command -v cargo >/dev/null; then
   fi
 fi
 
-# S3-compatible server for the object-store tests.
-if ! command -v moto_server >/dev/null; then
+# S3-compatible server for the object-store tests (not needed by the quickstart).
+if [ "${1:-}" != "--no-test-services" ] && ! command -v moto_server >/dev/null; then
   python3 -m pip install --quiet --disable-pip-version-check 'moto[server]'
 fi

@@ -3,12 +3,14 @@
 //! Data flows one way: `source` (object store / Kafka shards) → `decode` (rayon decode +
 //! augment into batches) → `train` (candle model + `odc` memory) → sinks.
 
+pub mod config;
 pub mod decode;
 pub mod device;
 pub mod model;
 pub mod odc;
 pub mod optim;
+pub mod pipeline;
 pub mod record;
 pub mod shards;
 pub mod source;
-// pub mod train; (wired once the ODC memory lands)
+pub mod train;

@@ -1,0 +1,234 @@
+//! The daemon's TOML configuration: one section per stage, unknown fields rejected, every
+//! value checked at start with an error that names the field and says what is allowed.
+//! `configs/*.toml` document every field.
+
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+use crate::decode::PipelineConfig;
+use crate::model::ModelConfig;
+use crate::odc::OdcConfig;
+use crate::optim::SgdConfig;
+use crate::source::ObjectStoreSourceConfig;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("config file {path} is not valid: {message}")]
+    Parse { path: String, message: String },
+    #[error("config field `{field}`: {message}")]
+    Invalid { field: String, message: String },
+}
+
+fn invalid(field: &str, message: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        field: field.to_string(),
+        message: message.into(),
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Human,
+    Json,
+}
+
+fn default_device() -> String {
+    "cpu".into()
+}
+fn default_log_every() -> u64 {
+    10
+}
+
+/// `[train]`: the step loop.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrainConfig {
+    /// `cpu`, `cuda:N` or `auto` (CUDA when built with `--features cuda` and a GPU answers).
+    #[serde(default = "default_device")]
+    pub device: String,
+    /// Seed of the model init, dropout and k-means: same seed + same input order = same run.
+    #[serde(default)]
+    pub seed: u64,
+    /// Stop after this many training steps (absent = train for ever).
+    #[serde(default)]
+    pub max_steps: Option<u64>,
+    /// Log a progress line every N steps.
+    #[serde(default = "default_log_every")]
+    pub log_every: u64,
+    /// Where to write the final model weights (safetensors) when the run ends; absent = none.
+    #[serde(default)]
+    pub save_weights: Option<String>,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        TrainConfig {
+            device: default_device(),
+            seed: 0,
+            max_steps: None,
+            log_every: default_log_every(),
+            save_weights: None,
+        }
+    }
+}
+
+/// `[log]`
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogConfig {
+    /// `human` or `json`.
+    #[serde(default)]
+    pub format: LogFormat,
+}
+
+/// The whole file.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    pub source: ObjectStoreSourceConfig,
+    pub pipeline: PipelineConfig,
+    #[serde(default)]
+    pub model: ModelConfig,
+    pub odc: OdcConfig,
+    #[serde(default)]
+    pub optimizer: SgdConfig,
+    #[serde(default)]
+    pub train: TrainConfig,
+    #[serde(default)]
+    pub log: LogConfig,
+}
+
+impl Config {
+    pub fn from_toml(text: &str, path: &str) -> Result<Self, ConfigError> {
+        let mut cfg: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: path.to_string(),
+            message: e.to_string(),
+        })?;
+        cfg.source.url = local_path_to_url(&cfg.source.url, "source.url")?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError::Read {
+            path: path.display().to_string(),
+            source: e,
+        })?;
+        Self::from_toml(&text, &path.display().to_string())
+    }
+
+    /// Cross-field checks; each section's own checks run too.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        self.model
+            .validate()
+            .map_err(|e| invalid("model", e.to_string()))?;
+        self.optimizer
+            .validate()
+            .map_err(|e| invalid("optimizer", e.to_string()))?;
+        self.odc
+            .validate()
+            .map_err(|e| invalid("odc", e.to_string()))?;
+        url::Url::parse(&self.source.url).map_err(|e| {
+            invalid(
+                "source.url",
+                format!(
+                    "`{}` is not a URL ({e}): use file:///abs/path, s3://bucket/prefix, gs://, az:// or memory:///",
+                    self.source.url
+                ),
+            )
+        })?;
+        if self.pipeline.batch_size == 0 {
+            return Err(invalid("pipeline.batch_size", "must be > 0"));
+        }
+        if self.pipeline.batch_size < 2 {
+            return Err(invalid(
+                "pipeline.batch_size",
+                "must be at least 2: BatchNorm needs two samples to compute batch statistics",
+            ));
+        }
+        let channels = self.pipeline.decode.channels as usize;
+        if channels != self.model.in_channels {
+            return Err(invalid(
+                "model.in_channels",
+                format!(
+                    "is {} but pipeline.decode produces {} channel(s): set both to grey (1) or RGB (3)",
+                    self.model.in_channels, channels
+                ),
+            ));
+        }
+        crate::device::select_device(&self.train.device)
+            .map_err(|e| invalid("train.device", e.to_string()))?;
+        if self.train.log_every == 0 {
+            return Err(invalid("train.log_every", "must be > 0"));
+        }
+        if let Some(0) = self.train.max_steps {
+            return Err(invalid("train.max_steps", "must be > 0 (omit it to train for ever)"));
+        }
+        Ok(())
+    }
+}
+
+/// A URL stays as it is; a plain path (no `scheme://`) becomes a `file://` URL, relative
+/// paths resolved against the working directory.
+pub fn local_path_to_url(s: &str, field: &str) -> Result<String, ConfigError> {
+    if s.contains("://") {
+        return Ok(s.to_string());
+    }
+    let p = Path::new(s);
+    let abs = if p.is_absolute() {
+        p.to_path_buf()
+    } else {
+        std::env::current_dir()
+            .map_err(|e| invalid(field, format!("cannot resolve the relative path `{s}`: {e}")))?
+            .join(p)
+    };
+    let mut url = url::Url::from_file_path(&abs)
+        .map_err(|_| invalid(field, format!("`{s}` is not a usable local path")))?
+        .to_string();
+    if s.ends_with('/') && !url.ends_with('/') {
+        url.push('/');
+    }
+    Ok(url)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const QUICKSTART: &str = include_str!("../configs/quickstart.toml");
+
+    #[test]
+    fn quickstart_config_is_valid() -> Result<(), ConfigError> {
+        let cfg = Config::from_toml(QUICKSTART, "configs/quickstart.toml")?;
+        assert!(cfg.source.url.starts_with("file:///"));
+        assert_eq!(cfg.model.in_channels, 1);
+        Ok(())
+    }
+
+    #[test]
+    fn unknown_fields_and_bad_values_name_the_field() {
+        let bad = QUICKSTART.replace("[train]", "[train]\nbogus = 1");
+        let e = Config::from_toml(&bad, "x.toml").err().map(|e| e.to_string());
+        assert!(e.as_deref().is_some_and(|m| m.contains("bogus")), "{e:?}");
+        let bad = QUICKSTART.replace("in_channels = 1", "in_channels = 3");
+        let e = Config::from_toml(&bad, "x.toml").err().map(|e| e.to_string());
+        assert!(e.as_deref().is_some_and(|m| m.contains("model.in_channels")), "{e:?}");
+        let bad = QUICKSTART.replace("device = \"cpu\"", "device = \"tpu\"");
+        let e = Config::from_toml(&bad, "x.toml").err().map(|e| e.to_string());
+        assert!(e.as_deref().is_some_and(|m| m.contains("train.device")), "{e:?}");
+        let bad = QUICKSTART.replace("batch_size = 64", "batch_size = 0");
+        let e = Config::from_toml(&bad, "x.toml").err().map(|e| e.to_string());
+        assert!(e.as_deref().is_some_and(|m| m.contains("pipeline.batch_size")), "{e:?}");
+        let bad = QUICKSTART.replace("num_clusters = 100", "num_clusters = 100000");
+        let e = Config::from_toml(&bad, "x.toml").err().map(|e| e.to_string());
+        assert!(e.as_deref().is_some_and(|m| m.contains("odc")), "{e:?}");
+    }
+}
