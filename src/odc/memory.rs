@@ -634,3 +634,186 @@ impl OdcMemory {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::{Rng, SeedableRng};
+    use rand_chacha::ChaCha8Rng;
+
+    /// Naive model: a label per slot (None = empty); sizes and members by full scans.
+    struct Naive {
+        labels: Vec<Option<u32>>,
+        k: usize,
+    }
+
+    impl Naive {
+        fn sizes(&self) -> Vec<usize> {
+            let mut s = vec![0; self.k];
+            for l in self.labels.iter().flatten() {
+                s[*l as usize] += 1;
+            }
+            s
+        }
+        fn members(&self, c: u32) -> Vec<u32> {
+            (0..self.labels.len() as u32)
+                .filter(|&s| self.labels[s as usize] == Some(c))
+                .collect()
+        }
+    }
+
+    fn assert_consistent(mem: &OdcMemory, naive: &Naive, when: &str) {
+        assert_eq!(mem.sizes(), naive.sizes(), "{when}: sizes");
+        for c in 0..naive.k as u32 {
+            let mut m = mem.members(c).to_vec();
+            m.sort_unstable();
+            assert_eq!(m, naive.members(c), "{when}: members of {c}");
+            for (p, &s) in mem.members(c).iter().enumerate() {
+                assert_eq!(mem.pos[s as usize] as usize, p, "{when}: pos of slot {s}");
+            }
+        }
+        assert_eq!(mem.len(), naive.labels.iter().flatten().count(), "{when}: len");
+        for (s, l) in naive.labels.iter().enumerate() {
+            assert_eq!(mem.label(s as u32), *l, "{when}: label of {s}");
+        }
+    }
+
+    fn random_row(rng: &mut ChaCha8Rng, d: usize) -> Vec<f32> {
+        (0..d).map(|_| rng.random_range(0.0f32..1.0)).collect()
+    }
+
+    #[test]
+    fn incremental_sizes_match_a_recount_after_random_operations() {
+        let (cap, d, k) = (60usize, 4usize, 5usize);
+        for seed in 0..20u64 {
+            let mut rng = ChaCha8Rng::seed_from_u64(seed);
+            let mut mem = OdcMemory::new(cap, d, k).unwrap();
+            let n0 = rng.random_range(10..cap);
+            let feats: Vec<f32> = (0..n0).flat_map(|_| random_row(&mut rng, d)).collect();
+            let labels: Vec<u32> = (0..n0).map(|_| rng.random_range(0..k as u32)).collect();
+            mem.init_memory(&feats, &labels).unwrap();
+            let mut naive = Naive {
+                labels: (0..cap).map(|s| labels.get(s).copied()).collect(),
+                k,
+            };
+            assert_consistent(&mem, &naive, "init");
+            for op in 0..200 {
+                let when = format!("seed {seed} op {op}");
+                let occupied: Vec<u32> =
+                    (0..cap as u32).filter(|&s| naive.labels[s as usize].is_some()).collect();
+                let empty: Vec<u32> =
+                    (0..cap as u32).filter(|&s| naive.labels[s as usize].is_none()).collect();
+                match rng.random_range(0..5) {
+                    0 if !occupied.is_empty() => {
+                        let s = occupied[rng.random_range(0..occupied.len())];
+                        let l = mem.remove(s).unwrap();
+                        assert_eq!(Some(l), naive.labels[s as usize].take());
+                    }
+                    1 if !empty.is_empty() => {
+                        let s = empty[rng.random_range(0..empty.len())];
+                        let l = rng.random_range(0..k as u32);
+                        mem.insert(s, &random_row(&mut rng, d), l).unwrap();
+                        naive.labels[s as usize] = Some(l);
+                    }
+                    2 if !occupied.is_empty() => {
+                        // batch with repeats: last copy's label wins
+                        let b = rng.random_range(1..8);
+                        let slots: Vec<u32> =
+                            (0..b).map(|_| occupied[rng.random_range(0..occupied.len())]).collect();
+                        let f: Vec<f32> = (0..b).flat_map(|_| random_row(&mut rng, d)).collect();
+                        let up = mem.update_samples(&slots, &f, 0.5).unwrap();
+                        for (s, l) in slots.iter().zip(&up.labels) {
+                            naive.labels[*s as usize] = Some(*l);
+                        }
+                    }
+                    3 => {
+                        let min = rng.random_range(0..(2 * cap / k));
+                        let before = naive.labels.iter().flatten().count();
+                        let r = mem.deal_with_small_clusters(min).unwrap();
+                        for [s, t] in &r.phase_a_moves {
+                            naive.labels[*s as usize] = Some(*t);
+                        }
+                        // replay splits on the naive model: the moved members are exactly
+                        // those now labelled empty_id
+                        for sp in &r.splits {
+                            for s in 0..cap {
+                                if mem.label(s as u32) == Some(sp.empty_id) {
+                                    naive.labels[s] = Some(sp.empty_id);
+                                }
+                            }
+                        }
+                        assert_eq!(naive.labels.iter().flatten().count(), before);
+                        if r.outcome == SmallClusterOutcome::Done {
+                            assert!(mem.sizes().iter().all(|&s| s > 0), "{when}: empty left");
+                        }
+                    }
+                    _ => mem.update_centroids(None).unwrap(),
+                }
+                assert_consistent(&mem, &naive, &when);
+            }
+        }
+    }
+
+    #[test]
+    fn every_cluster_small_changes_nothing() {
+        let mut mem =
+            OdcMemory::from_parts(2, 3, vec![1.0, 0.0, 0.0, 1.0, 1.0, 1.0], &[0, 1, 2], vec![0.0; 6])
+                .unwrap();
+        let r = mem.deal_with_small_clusters(5).unwrap();
+        assert_eq!(r.outcome, SmallClusterOutcome::NoAllowedTarget);
+        assert_eq!(r.small_ids, vec![0, 1, 2]);
+        assert!(r.phase_a_moves.is_empty() && r.splits.is_empty());
+        assert_eq!(mem.sizes(), vec![1, 1, 1]);
+    }
+
+    #[test]
+    fn largest_cluster_too_small_to_split_is_reported() {
+        // one member in cluster 0, clusters 1 and 2 empty, min_cluster 1
+        let mut mem = OdcMemory::from_parts(2, 3, vec![1.0, 0.0], &[0], vec![0.5; 6]).unwrap();
+        let r = mem.deal_with_small_clusters(1).unwrap();
+        assert_eq!(r.small_ids, vec![1, 2]);
+        assert_eq!(
+            r.outcome,
+            SmallClusterOutcome::TooFewToSplit {
+                unfilled: vec![1, 2]
+            }
+        );
+        assert_eq!(mem.sizes(), vec![1, 0, 0]);
+    }
+
+    #[test]
+    fn bad_inputs_are_errors_not_panics() {
+        let mut mem = OdcMemory::new(4, 2, 2).unwrap();
+        assert!(matches!(
+            mem.init_memory(&[1.0, f32::NAN, 0.0, 1.0], &[0, 1]),
+            Err(OdcError::NonFinite { row: 0, .. })
+        ));
+        assert!(mem.init_memory(&[1.0, 0.0, 0.0], &[0]).is_err(), "ragged");
+        assert!(mem.init_memory(&[1.0, 0.0], &[2]).is_err(), "label ≥ k");
+        assert!(mem.init_memory(&[1.0; 10], &[0; 5]).is_err(), "over capacity");
+        mem.init_memory(&[1.0, 0.0, 0.0, 1.0], &[0, 1]).unwrap();
+        assert!(matches!(
+            mem.update_samples(&[3], &[1.0, 0.0], 0.5),
+            Err(OdcError::SlotEmpty { slot: 3 })
+        ));
+        assert!(mem.update_samples(&[9], &[1.0, 0.0], 0.5).is_err());
+        assert!(mem.update_samples(&[0], &[f32::INFINITY, 0.0], 0.5).is_err());
+        assert!(mem.update_samples(&[0], &[1.0, 0.0], 1.5).is_err());
+        assert!(mem.update_samples(&[0, 1], &[1.0, 0.0], 0.5).is_err());
+        assert!(mem.insert(0, &[1.0, 0.0], 0).is_err(), "occupied");
+        assert!(mem.insert(2, &[1.0], 0).is_err(), "short row");
+        assert!(mem.insert(2, &[1.0, 0.0], 7).is_err(), "label ≥ k");
+        assert!(mem.remove(3).is_err(), "empty");
+        assert!(mem.update_centroids(Some(&[5])).is_err());
+        assert!(mem.nearest_centroid(&[f32::NAN, 0.0]).is_err());
+        assert!(OdcMemory::new(3, 0, 2).is_err());
+    }
+
+    #[test]
+    fn nearest_centroid_uses_raw_dot_product_and_lowest_id_on_ties() {
+        // centroid 1 is longer: raw dot product prefers it although cosine would tie
+        let mem = OdcMemory::from_parts(2, 3, vec![1.0, 0.0], &[0], vec![1.0, 0.0, 2.0, 0.0, 2.0, 0.0])
+            .unwrap();
+        assert_eq!(mem.nearest_centroid(&[3.0, 0.0, 0.0, 0.0]).unwrap(), vec![1, 0]);
+    }
+}
