@@ -70,7 +70,11 @@ impl ObjectStoreSource {
     }
 
     /// The shards under the prefix, in lexicographic order.
+    /// A prefix that itself names a shard is that one shard.
     pub async fn list_shards(&self) -> Result<Vec<String>, SourceError> {
+        if is_shard_name(self.prefix.as_ref()) {
+            return Ok(vec![self.prefix.to_string()]);
+        }
         let prefix = (!self.prefix.as_ref().is_empty()).then_some(&self.prefix);
         let metas: Vec<_> = self
             .store
