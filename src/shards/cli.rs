@@ -21,6 +21,9 @@ pub enum ShardsCmd {
         /// Key and shard-name prefix, e.g. `fmnist-train` → keys `fmnist-train-000123`.
         #[arg(long, default_value = "sample")]
         prefix: String,
+        /// Import only the first N samples.
+        #[arg(long)]
+        limit: Option<usize>,
     },
     /// Pack a folder of images (class sub-folders → labels in sorted order) into shards.
     Pack {
@@ -54,10 +57,11 @@ impl ShardsCmd {
                 out_url,
                 per_shard,
                 prefix,
+                limit,
             } => {
                 let (store, out) = open_store(&out_url, &none)?;
-                let s =
-                    super::import_idx(&images, &labels, store, &out, &prefix, per_shard).await?;
+                let s = super::import_idx(&images, &labels, store, &out, &prefix, per_shard, limit)
+                    .await?;
                 println!(
                     "wrote {} records in {} shards under {out_url}",
                     s.records,

@@ -83,7 +83,7 @@ pub(crate) fn png_grey(key: &str, pixels: &[u8], w: u32, h: u32) -> Result<Vec<u
 }
 
 /// Convert IDX images (N×H×W) + labels (N) into PNG shards `<prefix>-<n:06>.tar` under `out`,
-/// keys `<prefix>-<i:06>`, `per_shard` samples each.
+/// keys `<prefix>-<i:06>`, `per_shard` samples each; only the first `limit` samples if given.
 pub async fn import_idx(
     images: &std::path::Path,
     labels: &std::path::Path,
@@ -91,6 +91,7 @@ pub async fn import_idx(
     out: &Path,
     prefix: &str,
     per_shard: usize,
+    limit: Option<usize>,
 ) -> Result<WriteSummary, ShardsError> {
     let (images_p, labels_p) = (images.to_path_buf(), labels.to_path_buf());
     let (imgs, labs) = tokio::task::spawn_blocking(move || {
@@ -110,6 +111,7 @@ pub async fn import_idx(
         });
     }
     let (n, h, w) = (imgs.dims[0], imgs.dims[1], imgs.dims[2]);
+    let n = limit.map_or(n, |l| l.min(n));
     let per_shard = per_shard.max(1);
     let imgs = Arc::new(imgs);
     let labs = Arc::new(labs);

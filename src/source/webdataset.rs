@@ -382,3 +382,172 @@ fn on_error(
         ControlFlow::Break(()) => ShardEnd::Stopped { items },
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tar_of(members: &[(&[u8], &[u8])]) -> Vec<u8> {
+        let mut b = tar::Builder::new(Vec::new());
+        for (name, data) in members {
+            let mut h = tar::Header::new_gnu();
+            h.set_size(data.len() as u64);
+            h.set_mode(0o644);
+            h.set_entry_type(tar::EntryType::Regular);
+            // Raw bytes: lets tests write non-UTF-8 names.
+            let gnu = h.as_gnu_mut().expect("gnu header");
+            gnu.name[..name.len()].copy_from_slice(name);
+            h.set_cksum();
+            b.append(&h, *data).expect("append");
+        }
+        b.into_inner().expect("finish")
+    }
+
+    fn read_all(bytes: &[u8], max: u64) -> (Vec<SourceItem>, ShardEnd) {
+        let mut items = Vec::new();
+        let end = read_shard(
+            bytes,
+            "s.tar",
+            &ReadOptions {
+                max_member_bytes: max,
+            },
+            &TransportFault::default(),
+            |i| {
+                items.push(i);
+                ControlFlow::Continue(())
+            },
+        );
+        (items, end)
+    }
+
+    #[test]
+    fn split_name_uses_first_dot_of_basename() {
+        assert_eq!(
+            split_name("a/b.c/k1.seg.png"),
+            Some(("a/b.c/k1", "seg.png".into()))
+        );
+        assert_eq!(split_name("k.JPG"), Some(("k", "jpg".into())));
+        assert_eq!(split_name("dir/.hidden"), None);
+        assert_eq!(split_name("noext"), None);
+    }
+
+    #[test]
+    fn groups_consecutive_members_by_key() {
+        let t = tar_of(&[
+            (b"a.png", b"A"),
+            (b"a.cls", b" 3\n"),
+            (b"a.json", b"{}"),
+            (b"b.jpg", b"B"),
+            (b"c.cls", b"1"),
+            (b"d.webp", b"D"),
+            (b"d.cls", b"x"),
+        ]);
+        let (items, end) = read_all(&t, 1 << 20);
+        assert_eq!(end, ShardEnd::Done { items: 4 });
+        let a = items[0].as_ref().expect("a is good");
+        assert_eq!(
+            (a.key.as_str(), a.format.as_str(), a.class_label),
+            ("a", "png", Some(3))
+        );
+        assert_eq!(&a.image[..], b"A");
+        let b = items[1].as_ref().expect("b is good");
+        assert_eq!((b.class_label, &b.image[..]), (None, &b"B"[..]));
+        assert_eq!(
+            items[2].as_ref().err().map(|r| r.reason),
+            Some(RejectReason::MissingImage)
+        );
+        assert_eq!(
+            items[3].as_ref().err().map(|r| r.reason),
+            Some(RejectReason::BadLabel)
+        );
+        for (i, it) in items.iter().enumerate() {
+            let p = match it {
+                Ok(r) => &r.position,
+                Err(r) => &r.position,
+            };
+            assert_eq!(
+                p,
+                &Position::Shard {
+                    shard: "s.tar".into(),
+                    index: i as u64
+                }
+            );
+        }
+    }
+
+    #[test]
+    fn gzip_detected_by_magic_and_truncation_is_one_error() {
+        let t = tar_of(&[(b"a.png", b"A"), (b"b.png", &[7u8; 3000]), (b"c.png", b"C")]);
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+        std::io::Write::write_all(&mut gz, &t).expect("gz");
+        let gz = gz.finish().expect("gz");
+        let (items, _) = read_all(&gz, 1 << 20);
+        assert_eq!(items.iter().filter(|i| i.is_ok()).count(), 3);
+
+        // Cut inside b's data: a arrives, then exactly one truncated_shard item.
+        let (items, end) = read_all(&t[..512 * 4], 1 << 20);
+        assert_eq!(end, ShardEnd::Done { items: 2 });
+        assert_eq!(items[0].as_ref().map(|r| r.key.as_str()).ok(), Some("a"));
+        let e = items[1].as_ref().err().expect("truncated");
+        assert_eq!(e.reason, RejectReason::TruncatedShard);
+        let (items, _) = read_all(&gz[..gz.len() / 2], 1 << 20);
+        assert_eq!(
+            items
+                .last()
+                .and_then(|i| i.as_ref().err())
+                .map(|r| r.reason),
+            Some(RejectReason::TruncatedShard)
+        );
+    }
+
+    #[test]
+    fn oversized_and_non_utf8_members_are_rejected_not_fatal() {
+        let t = tar_of(&[
+            (b"a.png", &[1u8; 5000]),
+            (b"b\xff.png", b"B"),
+            (b"c.png", b"C"),
+        ]);
+        let (items, end) = read_all(&t, 1000);
+        assert_eq!(end, ShardEnd::Done { items: 3 });
+        assert_eq!(
+            items[0].as_ref().err().map(|r| r.reason),
+            Some(RejectReason::TooLarge)
+        );
+        assert_eq!(
+            items[1].as_ref().err().map(|r| r.reason),
+            Some(RejectReason::BadName)
+        );
+        assert_eq!(items[2].as_ref().map(|r| r.key.as_str()).ok(), Some("c"));
+    }
+
+    #[test]
+    fn empty_input_is_truncated_and_empty_tar_has_no_records() {
+        let (items, _) = read_all(&[], 1000);
+        assert_eq!(items.len(), 1);
+        assert_eq!(
+            items[0].as_ref().err().map(|r| r.reason),
+            Some(RejectReason::TruncatedShard)
+        );
+        let (items, end) = read_all(&[0u8; 1024], 1000);
+        assert!(items.is_empty());
+        assert_eq!(end, ShardEnd::Done { items: 0 });
+    }
+
+    #[test]
+    fn huge_long_name_header_is_bounded() {
+        // A GNU long-name header claiming 1 GiB: must fail fast as truncated, not buffer it.
+        let mut h = tar::Header::new_gnu();
+        h.set_size(1 << 30);
+        h.set_entry_type(tar::EntryType::GNULongName);
+        h.set_path("././@LongLink").expect("path");
+        h.set_cksum();
+        let mut t = h.as_bytes().to_vec();
+        t.extend(std::iter::repeat_n(b'x', 200_000));
+        let (items, _) = read_all(&t, 1000);
+        assert_eq!(items.len(), 1);
+        assert_eq!(
+            items[0].as_ref().err().map(|r| r.reason),
+            Some(RejectReason::TruncatedShard)
+        );
+    }
+}
