@@ -1,1 +1,100 @@
-//! (module under construction in this change)
+//! Sources: where encoded records come from.
+//!
+//! A source yields [`SourceItem`]s in a stable order, each with a resumable [`Position`].
+//! Bad input is an item too (`Err(RejectedRecord)`), so one broken shard never stops the stream.
+
+mod config;
+pub mod deadletter;
+pub mod metrics;
+mod object_store;
+mod state;
+pub mod webdataset;
+
+pub use self::config::{default_store_options, open_store, ObjectStoreSourceConfig, SourceMode};
+pub use self::metrics::DataMetrics;
+pub use self::object_store::{ObjectStoreSource, SourceError};
+pub use self::state::SourceState;
+
+use crate::record::{Position, Record};
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+
+/// What a source hands downstream: a record, or the reason a record (or shard) was dropped.
+pub type SourceItem = Result<Record, RejectedRecord>;
+
+/// Why a record was dropped. The label value of `odcd_records_rejected_total{reason}`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RejectReason {
+    /// The image bytes could not be decoded (corrupt, empty, unknown format).
+    Undecodable,
+    /// A member or decoded image exceeds the configured byte/pixel limits.
+    TooLarge,
+    /// A key had no jpg/jpeg/png/webp member.
+    MissingImage,
+    /// `<key>.cls` is not an integer.
+    BadLabel,
+    /// The shard ended early or its tar/gzip structure is corrupt; records after the damage are lost.
+    TruncatedShard,
+    /// A member name is not UTF-8 or yields an empty key.
+    BadName,
+    /// The shard could not be read after retries (network, permissions, deleted).
+    ReadError,
+}
+
+impl RejectReason {
+    /// Every reason, for pre-registering metric label values.
+    pub const ALL: [RejectReason; 7] = [
+        RejectReason::Undecodable,
+        RejectReason::TooLarge,
+        RejectReason::MissingImage,
+        RejectReason::BadLabel,
+        RejectReason::TruncatedShard,
+        RejectReason::BadName,
+        RejectReason::ReadError,
+    ];
+
+    /// The metric label / dead-letter folder name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RejectReason::Undecodable => "undecodable",
+            RejectReason::TooLarge => "too_large",
+            RejectReason::MissingImage => "missing_image",
+            RejectReason::BadLabel => "bad_label",
+            RejectReason::TruncatedShard => "truncated_shard",
+            RejectReason::BadName => "bad_name",
+            RejectReason::ReadError => "read_error",
+        }
+    }
+}
+
+impl std::fmt::Display for RejectReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A record (or a whole shard) that was dropped, with enough context to find and fix it.
+#[derive(Debug, Clone)]
+pub struct RejectedRecord {
+    /// Sample key (lossy UTF-8), or the shard path when no key is known.
+    pub key: String,
+    pub reason: RejectReason,
+    /// Human-readable detail: what was wrong and where.
+    pub message: String,
+    pub position: Position,
+    /// The offending bytes when there are some (for the dead-letter store).
+    pub payload: Option<Bytes>,
+    /// Extension of the payload (`jpg`, `png`, ...), if any.
+    pub format: Option<String>,
+}
+
+impl std::fmt::Display for RejectedRecord {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "record {:?} at {:?} rejected ({}): {}",
+            self.key, self.position, self.reason, self.message
+        )
+    }
+}

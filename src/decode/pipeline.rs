@@ -1,0 +1,387 @@
+//! source → bounded channel → decode + augment on rayon → bounded channel of `Batch`.
+
+use super::augment::{eval_transform, sample_rng, train_transform};
+use super::config::{PipelineConfig, TransformConfig};
+use super::image::{decode_into, DecodeError};
+use crate::record::{Batch, Record};
+use crate::source::deadletter::DeadLetter;
+use crate::source::{DataMetrics, RejectReason, RejectedRecord, SourceItem, SourceState};
+use candle_core::{Device, Tensor};
+use rayon::prelude::*;
+use std::cell::RefCell;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+
+/// Errors building a pipeline (bad config); bad data never errors, it is rejected and counted.
+#[derive(Debug, thiserror::Error)]
+pub enum PipelineError {
+    #[error("pipeline config: {0}")]
+    Config(String),
+    #[error(transparent)]
+    Source(#[from] crate::source::SourceError),
+    #[error("could not start the decode thread pool: {0}")]
+    Pool(#[from] rayon::ThreadPoolBuildError),
+}
+
+/// Decodes and transforms a batch of records on the current rayon pool.
+#[derive(Debug, Clone)]
+pub struct BatchDecoder {
+    cfg: Arc<PipelineConfig>,
+}
+
+thread_local! {
+    // Per-thread scratch: decoding and warping allocate nothing per image once warm.
+    static SCRATCH: RefCell<(Vec<u8>, Vec<u8>, Vec<f32>)> = const { RefCell::new((Vec::new(), Vec::new(), Vec::new())) };
+}
+
+impl BatchDecoder {
+    /// Check the config (channels, sizes, mean/std lengths).
+    pub fn new(cfg: PipelineConfig) -> Result<Self, PipelineError> {
+        let c = cfg.decode.channels;
+        if c != 1 && c != 3 {
+            return Err(PipelineError::Config(format!(
+                "decode.channels = {c}, must be 1 or 3"
+            )));
+        }
+        if cfg.batch_size == 0 {
+            return Err(PipelineError::Config("batch_size must be ≥ 1".into()));
+        }
+        let (size, mean, std) = match &cfg.transform {
+            TransformConfig::Train(a) => {
+                if !(a.scale.0 > 0.0
+                    && a.scale.0 <= a.scale.1
+                    && a.ratio.0 > 0.0
+                    && a.ratio.0 <= a.ratio.1)
+                {
+                    return Err(PipelineError::Config(format!(
+                        "transform.train scale {:?} / ratio {:?} must be positive, ordered (lo ≤ hi)",
+                        a.scale, a.ratio
+                    )));
+                }
+                if !(0.0..=0.5).contains(&a.hue) {
+                    return Err(PipelineError::Config(format!(
+                        "transform.train.hue = {} must be in [0, 0.5]",
+                        a.hue
+                    )));
+                }
+                (a.size, &a.mean, &a.std)
+            }
+            TransformConfig::Eval(e) => {
+                if e.resize < e.size {
+                    return Err(PipelineError::Config(format!(
+                        "transform.eval.resize = {} must be ≥ size = {}",
+                        e.resize, e.size
+                    )));
+                }
+                (e.size, &e.mean, &e.std)
+            }
+        };
+        if size == 0 {
+            return Err(PipelineError::Config("transform size must be ≥ 1".into()));
+        }
+        for (name, v) in [("mean", mean), ("std", std)] {
+            if v.len() != 1 && v.len() != c as usize {
+                return Err(PipelineError::Config(format!(
+                    "transform {name} has {} values; give 1 or {c} (one per channel)",
+                    v.len()
+                )));
+            }
+        }
+        if std.iter().any(|s| *s == 0.0) {
+            return Err(PipelineError::Config(
+                "transform std must not contain 0".into(),
+            ));
+        }
+        Ok(BatchDecoder { cfg: Arc::new(cfg) })
+    }
+
+    /// The config this decoder runs.
+    pub fn config(&self) -> &PipelineConfig {
+        &self.cfg
+    }
+
+    /// Decode + transform `records` in parallel on the current rayon pool, keeping their order.
+    /// `visit` (the source pass) varies the augmentation between passes. Returns the batch of
+    /// the good records (None if none) and the rejected ones.
+    pub fn decode_batch(
+        &self,
+        records: Vec<Record>,
+        visit: u64,
+    ) -> (Option<Batch>, Vec<RejectedRecord>) {
+        let cfg = &*self.cfg;
+        let c = cfg.decode.channels as usize;
+        let s = cfg.transform.size() as usize;
+        let per = c * s * s;
+        let mut data = vec![0f32; per * records.len()];
+        let results: Vec<Result<(), DecodeError>> = data
+            .par_chunks_mut(per)
+            .zip(records.par_iter())
+            .map(|(dst, rec)| {
+                SCRATCH.with(|cell| {
+                    let mut guard = cell.borrow_mut();
+                    let (pix, tmp, fbuf) = &mut *guard;
+                    let (w, h) = decode_into(&rec.image, &cfg.decode, pix, tmp)?;
+                    match &cfg.transform {
+                        TransformConfig::Train(a) => {
+                            let mut rng = sample_rng(cfg.seed, &rec.key, visit);
+                            train_transform(pix, w, h, c, a, &mut rng, fbuf, dst);
+                        }
+                        TransformConfig::Eval(e) => eval_transform(pix, w, h, c, e, fbuf, dst),
+                    }
+                    Ok(())
+                })
+            })
+            .collect();
+        let mut rejects = Vec::new();
+        let mut keep = Vec::with_capacity(records.len());
+        for (rec, res) in records.into_iter().zip(results) {
+            match res {
+                Ok(()) => keep.push(Some(rec)),
+                Err(e) => {
+                    let (reason, msg) = match e {
+                        DecodeError::TooLarge(m) => (RejectReason::TooLarge, m),
+                        DecodeError::Undecodable(m) => (RejectReason::Undecodable, m),
+                    };
+                    rejects.push(RejectedRecord {
+                        message: format!("{} image of key {}: {msg}", rec.format, rec.key),
+                        key: rec.key,
+                        reason,
+                        position: rec.position,
+                        payload: Some(rec.image),
+                        format: Some(rec.format),
+                    });
+                    keep.push(None);
+                }
+            }
+        }
+        if !rejects.is_empty() {
+            // Compact the good images to the front, keeping order.
+            let mut out = 0;
+            for (i, k) in keep.iter().enumerate() {
+                if k.is_some() {
+                    if i != out {
+                        data.copy_within(i * per..(i + 1) * per, out * per);
+                    }
+                    out += 1;
+                }
+            }
+            data.truncate(out * per);
+        }
+        let good: Vec<Record> = keep.into_iter().flatten().collect();
+        if good.is_empty() {
+            return (None, rejects);
+        }
+        let n = good.len();
+        let images = match Tensor::from_vec(data, (n, c, s, s), &Device::Cpu) {
+            Ok(t) => t,
+            Err(e) => {
+                // Shape is computed above, so this is a bug; reject rather than panic the daemon.
+                tracing::error!("building batch tensor failed: {e}");
+                return (None, rejects);
+            }
+        };
+        let mut keys = Vec::with_capacity(n);
+        let mut class_labels = Vec::with_capacity(n);
+        let mut positions = Vec::with_capacity(n);
+        for r in good {
+            keys.push(r.key);
+            class_labels.push(r.class_label);
+            positions.push(r.position);
+        }
+        let batch = Batch {
+            images,
+            keys,
+            class_labels,
+            positions,
+        };
+        (Some(batch), rejects)
+    }
+}
+
+/// Batches out of a running pipeline, with the source state as of the last batch handed out.
+pub struct BatchStream {
+    rx: mpsc::Receiver<(Batch, SourceState)>,
+    state: SourceState,
+}
+
+impl BatchStream {
+    /// Next batch; `None` when the source ended (once/loop) or the pipeline was cancelled.
+    pub async fn next(&mut self) -> Option<Batch> {
+        let (batch, state) = self.rx.recv().await?;
+        self.state = state;
+        Some(batch)
+    }
+
+    /// Resume point covering every batch returned so far (and the rejects before them):
+    /// store it in checkpoints and pass it back to the source on restart.
+    pub fn state(&self) -> &SourceState {
+        &self.state
+    }
+
+    /// Build the whole data path from config: object-store source (resumed from `resume`) →
+    /// decode/augment → batches. Must be called inside a tokio runtime.
+    pub fn from_config(
+        source: crate::source::ObjectStoreSourceConfig,
+        cfg: PipelineConfig,
+        metrics: DataMetrics,
+        resume: SourceState,
+        cancel: CancellationToken,
+    ) -> Result<BatchStream, PipelineError> {
+        // Validate before starting the source so a bad config starts nothing.
+        BatchDecoder::new(cfg.clone())?;
+        let dead_letter = match &cfg.dead_letter {
+            Some(d) => {
+                let (store, prefix) = crate::source::open_store(&d.url, &d.options)?;
+                Some(DeadLetter::new(store, prefix))
+            }
+            None => None,
+        };
+        let src =
+            crate::source::ObjectStoreSource::from_config(source)?.with_metrics(metrics.clone());
+        let rx = src.spawn(resume.clone(), cancel.clone());
+        Self::spawn(rx, cfg, metrics, dead_letter, resume, cancel)
+    }
+
+    /// Start decoding `source` (a source's receiver) into batches. The decode runs on its own
+    /// rayon pool (`cfg.threads`); the stages are joined by bounded channels, so a slow consumer
+    /// slows the source instead of growing memory. `resume` must be the state the source was
+    /// started from.
+    pub fn spawn(
+        source: mpsc::Receiver<SourceItem>,
+        cfg: PipelineConfig,
+        metrics: DataMetrics,
+        dead_letter: Option<DeadLetter>,
+        resume: SourceState,
+        cancel: CancellationToken,
+    ) -> Result<BatchStream, PipelineError> {
+        let decoder = BatchDecoder::new(cfg)?;
+        let cfg = decoder.config().clone();
+        let pool = Arc::new(
+            rayon::ThreadPoolBuilder::new()
+                .num_threads(cfg.threads)
+                .thread_name(|i| format!("odcd-decode-{i}"))
+                .build()?,
+        );
+        let (tx, rx) = mpsc::channel(cfg.batch_queue.max(1));
+        let dl_tx = dead_letter
+            .map(|dl| spawn_dead_letter(dl, cfg.dead_letter_queue.max(1), metrics.clone()));
+        let stage = Stage {
+            source,
+            decoder,
+            pool,
+            metrics,
+            dl_tx,
+            state: resume.clone(),
+            tx,
+            cancel,
+        };
+        tokio::spawn(stage.run());
+        Ok(BatchStream { rx, state: resume })
+    }
+}
+
+fn spawn_dead_letter(
+    dl: DeadLetter,
+    cap: usize,
+    metrics: DataMetrics,
+) -> mpsc::Sender<RejectedRecord> {
+    let (tx, mut rx) = mpsc::channel::<RejectedRecord>(cap);
+    tokio::spawn(async move {
+        while let Some(r) = rx.recv().await {
+            if let Err(e) = dl.write(&r).await {
+                metrics.deadletter_dropped.inc();
+                tracing::warn!(key = %r.key, "dead-letter write failed: {e}");
+            }
+        }
+    });
+    tx
+}
+
+/// The async side of the decode stage: only moves records and waits; CPU work goes to rayon.
+struct Stage {
+    source: mpsc::Receiver<SourceItem>,
+    decoder: BatchDecoder,
+    pool: Arc<rayon::ThreadPool>,
+    metrics: DataMetrics,
+    dl_tx: Option<mpsc::Sender<RejectedRecord>>,
+    state: SourceState,
+    tx: mpsc::Sender<(Batch, SourceState)>,
+    cancel: CancellationToken,
+}
+
+impl Stage {
+    fn reject(&self, r: RejectedRecord) {
+        self.metrics.reject(&r);
+        if let Some(dl) = &self.dl_tx {
+            // Never block the data path on the dead-letter store.
+            if dl.try_send(r).is_err() {
+                self.metrics.deadletter_dropped.inc();
+            }
+        }
+    }
+
+    async fn run(mut self) {
+        let cfg = self.decoder.config().clone();
+        let wait = Duration::from_millis(cfg.max_batch_wait_ms.max(1));
+        let mut ended = false;
+        while !ended {
+            let mut records = Vec::with_capacity(cfg.batch_size);
+            let mut deadline = None;
+            // The visit counter is the pass of the first record: stable for a given state.
+            let visit = self.state.pass;
+            while records.len() < cfg.batch_size {
+                let item = tokio::select! {
+                    _ = self.cancel.cancelled() => return,
+                    _ = sleep_until(deadline) => break,
+                    item = self.source.recv() => item,
+                };
+                let Some(item) = item else {
+                    ended = true;
+                    break;
+                };
+                match item {
+                    Ok(rec) => {
+                        self.state.observe(&rec.position);
+                        records.push(rec);
+                        deadline.get_or_insert_with(|| tokio::time::Instant::now() + wait);
+                    }
+                    Err(rej) => {
+                        self.state.observe(&rej.position);
+                        self.reject(rej);
+                    }
+                }
+            }
+            if records.is_empty() {
+                continue;
+            }
+            let (otx, orx) = oneshot::channel();
+            let decoder = self.decoder.clone();
+            self.pool.spawn(move || {
+                let _ = otx.send(decoder.decode_batch(records, visit));
+            });
+            let Ok((batch, rejects)) = orx.await else {
+                tracing::error!("decode worker vanished; stopping the pipeline");
+                return;
+            };
+            for r in rejects {
+                self.reject(r);
+            }
+            let Some(batch) = batch else { continue };
+            self.metrics.records_decoded.inc_by(batch.keys.len() as u64);
+            self.metrics.batches.inc();
+            tokio::select! {
+                _ = self.cancel.cancelled() => return,
+                r = self.tx.send((batch, self.state.clone())) => if r.is_err() { return },
+            }
+        }
+    }
+}
+
+async fn sleep_until(deadline: Option<tokio::time::Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(d).await,
+        None => std::future::pending().await,
+    }
+}

@@ -1,0 +1,158 @@
+//! IDX files (MNIST / Fashion-MNIST format) → PNG WebDataset shards.
+
+use super::write::{put, shard_path, ShardWriter, WriteSummary};
+use super::ShardsError;
+use image::codecs::png::PngEncoder;
+use image::{ExtendedColorType, ImageEncoder};
+use object_store::{path::Path, ObjectStore};
+use rayon::prelude::*;
+use std::io::Read;
+use std::sync::Arc;
+
+/// A parsed IDX file of unsigned bytes.
+#[derive(Debug, Clone)]
+pub struct Idx {
+    pub dims: Vec<usize>,
+    pub data: Vec<u8>,
+}
+
+/// Read an IDX file of u8 (type 0x08), gzip-compressed or plain (detected by magic bytes).
+pub fn read_idx(path: &std::path::Path) -> Result<Idx, ShardsError> {
+    let name = path.display().to_string();
+    let raw = std::fs::read(path).map_err(|source| ShardsError::Io {
+        path: name.clone(),
+        source,
+    })?;
+    let bytes = if raw.starts_with(&[0x1f, 0x8b]) {
+        let mut out = Vec::new();
+        flate2::read::MultiGzDecoder::new(&raw[..])
+            .read_to_end(&mut out)
+            .map_err(|source| ShardsError::Io {
+                path: name.clone(),
+                source,
+            })?;
+        out
+    } else {
+        raw
+    };
+    let bad = |message: String| ShardsError::BadIdx {
+        path: name.clone(),
+        message,
+    };
+    if bytes.len() < 4 || bytes[0] != 0 || bytes[1] != 0 {
+        return Err(bad("missing the 00 00 magic".into()));
+    }
+    if bytes[2] != 0x08 {
+        return Err(bad(format!(
+            "element type 0x{:02x}; only unsigned bytes (0x08) are supported",
+            bytes[2]
+        )));
+    }
+    let nd = bytes[3] as usize;
+    let header = 4 + 4 * nd;
+    if nd == 0 || bytes.len() < header {
+        return Err(bad(format!("{nd} dimensions but the header is cut short")));
+    }
+    let dims: Vec<usize> = bytes[4..header]
+        .chunks_exact(4)
+        .map(|c| u32::from_be_bytes([c[0], c[1], c[2], c[3]]) as usize)
+        .collect();
+    let n: usize = dims.iter().product();
+    if bytes.len() - header != n {
+        return Err(bad(format!(
+            "dims {dims:?} need {n} data bytes, file has {}; is it truncated?",
+            bytes.len() - header
+        )));
+    }
+    Ok(Idx {
+        dims,
+        data: bytes[header..].to_vec(),
+    })
+}
+
+/// Encode a grey image as PNG (deterministic: same pixels → same bytes).
+pub(crate) fn png_grey(key: &str, pixels: &[u8], w: u32, h: u32) -> Result<Vec<u8>, ShardsError> {
+    let mut out = Vec::with_capacity(pixels.len() + 128);
+    PngEncoder::new(&mut out)
+        .write_image(pixels, w, h, ExtendedColorType::L8)
+        .map_err(|e| ShardsError::Encode {
+            key: key.to_string(),
+            message: e.to_string(),
+        })?;
+    Ok(out)
+}
+
+/// Convert IDX images (N×H×W) + labels (N) into PNG shards `<prefix>-<n:06>.tar` under `out`,
+/// keys `<prefix>-<i:06>`, `per_shard` samples each; only the first `limit` samples if given.
+pub async fn import_idx(
+    images: &std::path::Path,
+    labels: &std::path::Path,
+    store: Arc<dyn ObjectStore>,
+    out: &Path,
+    prefix: &str,
+    per_shard: usize,
+    limit: Option<usize>,
+) -> Result<WriteSummary, ShardsError> {
+    let (images_p, labels_p) = (images.to_path_buf(), labels.to_path_buf());
+    let (imgs, labs) = tokio::task::spawn_blocking(move || {
+        Ok::<_, ShardsError>((read_idx(&images_p)?, read_idx(&labels_p)?))
+    })
+    .await
+    .map_err(|e| ShardsError::Join(e.to_string()))??;
+    if imgs.dims.len() != 3 || labs.dims.len() != 1 || imgs.dims[0] != labs.dims[0] {
+        return Err(ShardsError::Mismatch {
+            message: format!(
+                "images {} has dims {:?}, labels {} has dims {:?}: expected N×H×W and N with the same N",
+                images.display(),
+                imgs.dims,
+                labels.display(),
+                labs.dims
+            ),
+        });
+    }
+    let (n, h, w) = (imgs.dims[0], imgs.dims[1], imgs.dims[2]);
+    let n = limit.map_or(n, |l| l.min(n));
+    let per_shard = per_shard.max(1);
+    let imgs = Arc::new(imgs);
+    let labs = Arc::new(labs);
+    let mut summary = WriteSummary::default();
+    for (s, start) in (0..n).step_by(per_shard).enumerate() {
+        let end = (start + per_shard).min(n);
+        let (imgs, labs, prefix_s) = (imgs.clone(), labs.clone(), prefix.to_string());
+        // PNG encoding is CPU work: keep it off the async runtime.
+        let bytes = tokio::task::spawn_blocking(move || -> Result<Vec<u8>, ShardsError> {
+            let pngs: Vec<Result<Vec<u8>, ShardsError>> = (start..end)
+                .into_par_iter()
+                .map(|i| {
+                    let key = format!("{prefix_s}-{i:06}");
+                    png_grey(
+                        &key,
+                        &imgs.data[i * h * w..(i + 1) * h * w],
+                        w as u32,
+                        h as u32,
+                    )
+                })
+                .collect();
+            let mut wr = ShardWriter::new();
+            for (i, png) in (start..end).zip(pngs) {
+                let key = format!("{prefix_s}-{i:06}");
+                wr.append_sample(&key, "png", &png?, Some(i64::from(labs.data[i])))
+                    .map_err(|e| ShardsError::Encode {
+                        key: key.clone(),
+                        message: e.to_string(),
+                    })?;
+            }
+            wr.finish().map_err(|e| ShardsError::Encode {
+                key: prefix_s.clone(),
+                message: e.to_string(),
+            })
+        })
+        .await
+        .map_err(|e| ShardsError::Join(e.to_string()))??;
+        let path = shard_path(out, prefix, s);
+        put(&store, &path, bytes).await?;
+        summary.shards.push(path.to_string());
+        summary.records += end - start;
+    }
+    Ok(summary)
+}

@@ -1,0 +1,118 @@
+//! Configuration of the object-store source: what the user writes.
+
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use super::SourceError;
+
+/// How the source walks its prefix.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+pub enum SourceMode {
+    /// Read every shard once, then end.
+    Once,
+    /// Read the prefix `passes` times (forever when `None`), re-listing before each pass so new
+    /// shards join.
+    Loop { passes: Option<u64> },
+    /// Read the existing shards, then poll the prefix and read each new shard exactly once.
+    Follow,
+}
+
+/// Object-store source configuration (`[source]` in the daemon config).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ObjectStoreSourceConfig {
+    /// Prefix holding the shards: `file:///data/shards`, `s3://bucket/prefix`, `gs://...`,
+    /// `az://...`. Shards are `*.tar`, `*.tar.gz`, `*.tgz` objects under it, read in
+    /// lexicographic order.
+    pub url: String,
+    /// Extra object_store options (`aws_endpoint`, `aws_allow_http`, `aws_region`, ...). They
+    /// override the `AWS_*` / `GOOGLE_*` / `AZURE_*` environment variables.
+    #[serde(default)]
+    pub options: BTreeMap<String, String>,
+    /// once / loop / follow.
+    #[serde(default = "default_mode")]
+    pub mode: SourceMode,
+    /// How often `follow` mode lists the prefix for new shards.
+    #[serde(default = "default_poll_interval_ms")]
+    pub poll_interval_ms: u64,
+    /// Retries of a failed shard read or listing before the shard is reported and skipped.
+    #[serde(default = "default_max_retries")]
+    pub max_retries: u32,
+    /// First retry delay; doubles each retry up to 30 s.
+    #[serde(default = "default_retry_backoff_ms")]
+    pub retry_backoff_ms: u64,
+    /// Larger tar members are skipped as `too_large` (bounds memory per record).
+    #[serde(default = "default_max_member_bytes")]
+    pub max_member_bytes: u64,
+    /// Items buffered between the source and its consumer (backpressure bound).
+    #[serde(default = "default_channel_capacity")]
+    pub channel_capacity: usize,
+}
+
+fn default_mode() -> SourceMode {
+    SourceMode::Once
+}
+fn default_poll_interval_ms() -> u64 {
+    10_000
+}
+fn default_max_retries() -> u32 {
+    5
+}
+fn default_retry_backoff_ms() -> u64 {
+    500
+}
+fn default_max_member_bytes() -> u64 {
+    32 << 20
+}
+fn default_channel_capacity() -> usize {
+    1024
+}
+
+impl ObjectStoreSourceConfig {
+    /// A config with defaults for everything but the URL.
+    pub fn new(url: impl Into<String>) -> Self {
+        ObjectStoreSourceConfig {
+            url: url.into(),
+            options: BTreeMap::new(),
+            mode: default_mode(),
+            poll_interval_ms: default_poll_interval_ms(),
+            max_retries: default_max_retries(),
+            retry_backoff_ms: default_retry_backoff_ms(),
+            max_member_bytes: default_max_member_bytes(),
+            channel_capacity: default_channel_capacity(),
+        }
+    }
+}
+
+/// object_store options from the environment: `AWS_*`, `GOOGLE_*`, `AZURE_*` variables,
+/// lower-cased as object_store's builders expect (what `from_env` would read).
+pub fn default_store_options() -> BTreeMap<String, String> {
+    std::env::vars()
+        .filter(|(k, _)| {
+            k.starts_with("AWS_") || k.starts_with("GOOGLE_") || k.starts_with("AZURE_")
+        })
+        .map(|(k, v)| (k.to_ascii_lowercase(), v))
+        .collect()
+}
+
+/// Open the store named by `url` (the scheme picks the backend) with environment options
+/// overridden by `options`; returns the store and the path of the URL inside it.
+pub fn open_store(
+    url: &str,
+    options: &BTreeMap<String, String>,
+) -> Result<(Arc<dyn object_store::ObjectStore>, object_store::path::Path), SourceError> {
+    let parsed = url::Url::parse(url).map_err(|e| SourceError::BadUrl {
+        url: url.to_string(),
+        message: e.to_string(),
+    })?;
+    let mut opts = default_store_options();
+    opts.extend(options.iter().map(|(k, v)| (k.clone(), v.clone())));
+    let (store, path) =
+        object_store::parse_url_opts(&parsed, opts).map_err(|e| SourceError::BadUrl {
+            url: url.to_string(),
+            message: e.to_string(),
+        })?;
+    Ok((Arc::from(store), path))
+}

@@ -1,0 +1,134 @@
+//! The committed Fashion-MNIST fixture: reproducible with `import-idx`, and read end to end
+//! (source → decode → batches), including an exact resume.
+
+use object_store::{local::LocalFileSystem, path::Path};
+use odcd::decode::{BatchStream, EvalConfig, PipelineConfig, TransformConfig};
+use odcd::shards::{import_idx, read_idx};
+use odcd::source::{DataMetrics, ObjectStoreSource, ObjectStoreSourceConfig, SourceState};
+use std::sync::Arc;
+use tokio_util::sync::CancellationToken;
+
+const FMNIST: &str = "/usr/share/datasets/fashion-mnist";
+const FIXTURE: &str = "fmnist-test-000000.tar";
+
+fn fixtures_dir() -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
+}
+
+fn fmnist(file: &str) -> std::path::PathBuf {
+    let p = std::path::Path::new(FMNIST).join(file);
+    assert!(
+        p.exists(),
+        "{} is missing: install the data set with `apt-get install -y dataset-fashion-mnist`",
+        p.display()
+    );
+    p
+}
+
+#[tokio::test]
+async fn fixture_is_reproducible_with_import_idx() {
+    let tmp = tempfile::tempdir().unwrap();
+    let store = Arc::new(LocalFileSystem::new_with_prefix(tmp.path()).unwrap());
+    let s = import_idx(
+        &fmnist("t10k-images-idx3-ubyte.gz"),
+        &fmnist("t10k-labels-idx1-ubyte.gz"),
+        store,
+        &Path::from(""),
+        "fmnist-test",
+        200,
+        Some(200),
+    )
+    .await
+    .unwrap();
+    assert_eq!(s.records, 200);
+    assert_eq!(s.shards, vec![FIXTURE.to_string()]);
+    let fresh = std::fs::read(tmp.path().join(FIXTURE)).unwrap();
+    let committed = fixtures_dir().join(FIXTURE);
+    if std::env::var_os("ODCD_WRITE_FIXTURES").is_some() {
+        std::fs::write(&committed, &fresh).unwrap();
+    }
+    let old = std::fs::read(&committed).unwrap();
+    assert!(
+        old == fresh,
+        "import-idx output changed: regenerate with ODCD_WRITE_FIXTURES=1"
+    );
+}
+
+fn eval_cfg(batch: usize) -> PipelineConfig {
+    let mut cfg = PipelineConfig::new(
+        batch,
+        TransformConfig::Eval(EvalConfig {
+            resize: 32,
+            size: 28,
+            mean: vec![0.286],
+            std: vec![0.353],
+        }),
+    );
+    cfg.decode.channels = 1;
+    cfg.threads = 2;
+    cfg
+}
+
+async fn run(
+    resume: SourceState,
+    max_batches: usize,
+) -> (Vec<String>, Vec<Option<i64>>, SourceState, DataMetrics) {
+    let registry = prometheus::Registry::new();
+    let metrics = DataMetrics::register(&registry).unwrap();
+    let store = Arc::new(LocalFileSystem::new_with_prefix(fixtures_dir()).unwrap());
+    let mut scfg = ObjectStoreSourceConfig::new("file:///fixtures");
+    scfg.channel_capacity = 32;
+    let cancel = CancellationToken::new();
+    let rx = ObjectStoreSource::with_store(store, Path::from(""), scfg)
+        .with_metrics(metrics.clone())
+        .spawn(resume.clone(), cancel.clone());
+    let mut stream = BatchStream::spawn(
+        rx,
+        eval_cfg(64),
+        metrics.clone(),
+        None,
+        resume,
+        cancel.clone(),
+    )
+    .unwrap();
+    let (mut keys, mut labels) = (Vec::new(), Vec::new());
+    let mut n = 0;
+    while n < max_batches {
+        let Some(b) = stream.next().await else { break };
+        let dims = b.images.dims().to_vec();
+        assert_eq!(&dims[1..], &[1, 28, 28]);
+        assert_eq!(dims[0], b.keys.len());
+        keys.extend(b.keys);
+        labels.extend(b.class_labels);
+        n += 1;
+    }
+    let state = stream.state().clone();
+    cancel.cancel();
+    (keys, labels, state, metrics)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fixture_reads_end_to_end_and_resumes_exactly() {
+    let labels_idx = read_idx(&fmnist("t10k-labels-idx1-ubyte.gz")).unwrap();
+    let (keys, labels, state, metrics) = run(SourceState::default(), usize::MAX).await;
+    assert_eq!(keys.len(), 200);
+    for (i, (k, l)) in keys.iter().zip(&labels).enumerate() {
+        assert_eq!(k, &format!("fmnist-test-{i:06}"));
+        assert_eq!(*l, Some(i64::from(labels_idx.data[i])));
+    }
+    assert_eq!(metrics.records_read.get(), 200);
+    assert_eq!(metrics.records_decoded.get(), 200);
+    assert_eq!(metrics.batches.get(), 4);
+    assert_eq!(state.current.as_ref().map(|c| c.next_index), Some(200));
+
+    // Stop after one batch, resume from its state: exactly the other 136 records follow.
+    let (first, _, state1, _) = run(SourceState::default(), 1).await;
+    assert_eq!(first.len(), 64);
+    let json = serde_json::to_string(&state1).unwrap();
+    let resumed: SourceState = serde_json::from_str(&json).unwrap();
+    let (rest, _, _, m2) = run(resumed, usize::MAX).await;
+    assert_eq!(rest.len(), 136);
+    assert_eq!(m2.records_read.get(), 136);
+    let all: Vec<String> = first.into_iter().chain(rest).collect();
+    assert_eq!(all, keys);
+}
