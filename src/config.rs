@@ -8,9 +8,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::decode::PipelineConfig;
 use crate::model::ModelConfig;
-use crate::odc::OdcConfig;
 use crate::optim::SgdConfig;
 use crate::source::ObjectStoreSourceConfig;
+use crate::train::OdcConfig;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {

@@ -31,7 +31,7 @@ enum Cmd {
     /// Make and inspect WebDataset shards.
     Shards {
         #[command(subcommand)]
-        cmd: odcd::shards::ShardsCmd,
+        cmd: odcd::shards::cli::ShardsCmd,
     },
 }
 

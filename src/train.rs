@@ -11,7 +11,7 @@ use candle_core::{Device, Tensor, D};
 use serde::{Deserialize, Serialize};
 
 use crate::model::{ModelConfig, ModelError, OdcModel};
-use crate::odc::{self, OdcError, StreamingMemory};
+use crate::odc::{self, EvictionPolicy, KMeansConfig, MinCluster, OdcError, StreamConfig, StreamingMemory};
 use crate::optim::{OptimError, Sgd, SgdConfig};
 
 #[derive(Debug, thiserror::Error)]
@@ -30,6 +30,149 @@ pub enum TrainError {
     NonFinite(f32, u64),
     #[error("{0}")]
     Config(String),
+}
+
+fn default_k() -> usize {
+    100
+}
+fn default_capacity() -> usize {
+    100_000
+}
+fn default_mem_momentum() -> f64 {
+    0.5
+}
+fn default_centroid_interval() -> u64 {
+    10
+}
+fn default_min_cluster() -> MinClusterSpec {
+    MinClusterSpec::Count(20)
+}
+fn default_warmup() -> usize {
+    4_000
+}
+fn default_true() -> bool {
+    true
+}
+fn default_kmeans_iters() -> usize {
+    20
+}
+
+/// `min_cluster` as the user writes it: `{ count = 20 }` or `{ fraction = 0.002 }`.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase", deny_unknown_fields)]
+pub enum MinClusterSpec {
+    /// Absolute member count (the reference: 20).
+    Count(usize),
+    /// Fraction of the current memory fill (at least 1).
+    Fraction(f64),
+}
+
+/// Eviction as the user writes it: `"fifo"` or `{ reservoir = { seed = 0 } }`.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase", deny_unknown_fields)]
+pub enum EvictionSpec {
+    #[default]
+    Fifo,
+    Reservoir { seed: u64 },
+}
+
+/// `[odc]`: the ODC memory and its schedule.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OdcConfig {
+    /// Number of clusters K (head outputs).
+    #[serde(default = "default_k")]
+    pub num_clusters: usize,
+    /// Samples memory capacity M.
+    #[serde(default = "default_capacity")]
+    pub memory_capacity: usize,
+    /// Weight of the NEW feature in the memory update (reference 0.5).
+    #[serde(default = "default_mem_momentum")]
+    pub momentum: f64,
+    /// Full centroid recompute every N steps (reference 10).
+    #[serde(default = "default_centroid_interval")]
+    pub centroid_interval: u64,
+    #[serde(default = "default_min_cluster")]
+    pub min_cluster: MinClusterSpec,
+    #[serde(default)]
+    pub eviction: EvictionSpec,
+    /// Distinct samples buffered for the initial k-means (at least K).
+    #[serde(default = "default_warmup")]
+    pub warmup_samples: usize,
+    /// Re-draw the head row of a re-seeded cluster id (false reproduces the reference).
+    #[serde(default = "default_true")]
+    pub reinit_reseeded_heads: bool,
+    /// Lloyd iterations of the initial k-means (reference 20).
+    #[serde(default = "default_kmeans_iters")]
+    pub kmeans_iterations: usize,
+}
+
+impl Default for OdcConfig {
+    fn default() -> Self {
+        OdcConfig {
+            num_clusters: default_k(),
+            memory_capacity: default_capacity(),
+            momentum: default_mem_momentum(),
+            centroid_interval: default_centroid_interval(),
+            min_cluster: default_min_cluster(),
+            eviction: EvictionSpec::default(),
+            warmup_samples: default_warmup(),
+            reinit_reseeded_heads: true,
+            kmeans_iterations: default_kmeans_iters(),
+        }
+    }
+}
+
+impl OdcConfig {
+    pub fn validate(&self) -> Result<(), TrainError> {
+        let bad = |m: String| Err(TrainError::Config(m));
+        if self.num_clusters < 2 {
+            return bad(format!("odc.num_clusters = {}: must be at least 2", self.num_clusters));
+        }
+        if self.num_clusters > self.memory_capacity {
+            return bad(format!(
+                "odc.num_clusters = {} exceeds odc.memory_capacity = {}: K must be ≤ M (the reference uses M/K ≈ 128)",
+                self.num_clusters, self.memory_capacity
+            ));
+        }
+        if !(self.momentum > 0.0 && self.momentum <= 1.0) {
+            return bad(format!("odc.momentum = {}: must be in (0, 1]", self.momentum));
+        }
+        if self.warmup_samples > self.memory_capacity {
+            return bad(format!(
+                "odc.warmup_samples = {} exceeds odc.memory_capacity = {}",
+                self.warmup_samples, self.memory_capacity
+            ));
+        }
+        if self.kmeans_iterations == 0 {
+            return bad("odc.kmeans_iterations must be > 0".into());
+        }
+        match self.min_cluster {
+            MinClusterSpec::Count(n) if n * self.num_clusters > self.memory_capacity => bad(format!(
+                "odc.min_cluster count {n} × num_clusters {} exceeds memory_capacity {}: every cluster would be small",
+                self.num_clusters, self.memory_capacity
+            )),
+            MinClusterSpec::Fraction(f) if !(f > 0.0 && f * (self.num_clusters as f64) < 1.0) => bad(format!(
+                "odc.min_cluster fraction {f}: must be > 0 and < 1/num_clusters (else every cluster is small)"
+            )),
+            _ => Ok(()),
+        }
+    }
+
+    pub fn stream_config(&self, dim: usize) -> StreamConfig {
+        let mut c = StreamConfig::new(self.memory_capacity, dim, self.num_clusters);
+        c.momentum = self.momentum;
+        c.centroid_interval = self.centroid_interval;
+        c.min_cluster = match self.min_cluster {
+            MinClusterSpec::Count(n) => MinCluster::Count(n),
+            MinClusterSpec::Fraction(f) => MinCluster::FractionOfFill(f),
+        };
+        c.eviction = match self.eviction {
+            EvictionSpec::Fifo => EvictionPolicy::Fifo,
+            EvictionSpec::Reservoir { seed } => EvictionPolicy::Reservoir { seed },
+        };
+        c
+    }
 }
 
 /// Wall time of each part of a step, in seconds.
@@ -76,7 +219,7 @@ pub struct Trainer {
     model: OdcModel,
     opt: Sgd,
     memory: StreamingMemory,
-    odc_cfg: odc::OdcConfig,
+    odc_cfg: OdcConfig,
     step: u64,
     seed: u64,
 }
@@ -84,14 +227,15 @@ pub struct Trainer {
 impl Trainer {
     pub fn new(
         model_cfg: &ModelConfig,
-        odc_cfg: &odc::OdcConfig,
+        odc_cfg: &OdcConfig,
         sgd_cfg: &SgdConfig,
         device: &Device,
         seed: u64,
     ) -> Result<Self, TrainError> {
         let model = OdcModel::new(model_cfg, odc_cfg.num_clusters, device, seed)?;
         let opt = Sgd::new(sgd_cfg.clone(), model.params().params())?;
-        let memory = StreamingMemory::new(odc_cfg, model_cfg.feat_dim)?;
+        odc_cfg.validate()?;
+        let memory = StreamingMemory::new(odc_cfg.stream_config(model_cfg.feat_dim))?;
         Ok(Trainer {
             model,
             opt,
@@ -152,15 +296,29 @@ impl Trainer {
             });
         }
         let n = keys.len();
-        let report = self.memory.init_from_clustering(keys, features, self.seed)?;
+        let k = self.odc_cfg.num_clusters;
+        let km = odc::kmeans(
+            &features,
+            d,
+            &KMeansConfig {
+                k,
+                niter: self.odc_cfg.kmeans_iterations,
+                seed: self.seed,
+                ..KMeansConfig::default()
+            },
+        )?;
+        self.memory.init_from_clustering(&keys, &features, &km.labels)?;
+        let empty_after_kmeans = self.memory.stats().empty_clusters;
+        self.memory.handle_small_clusters()?;
+        let stats = self.memory.stats();
         self.model.reinit_head()?;
         Ok(InitReport {
             samples: n,
             seconds: t0.elapsed().as_secs_f64(),
-            empty_after_kmeans: report.empty_after_kmeans,
-            empty_after_fix: report.empty_after_fix,
-            min_size: report.min_size,
-            max_size: report.max_size,
+            empty_after_kmeans,
+            empty_after_fix: stats.empty_clusters,
+            min_size: stats.min_size,
+            max_size: stats.max_size,
         })
     }
 
@@ -185,7 +343,7 @@ impl Trainer {
 
         let t_mem0 = Instant::now();
         let prepared = self.memory.prepare(keys, &features)?;
-        let weights = self.memory.class_weights();
+        let weights = prepared.weights.clone();
         let mem_prepare = t_mem0.elapsed().as_secs_f64();
 
         let targets = Tensor::from_vec(prepared.labels.clone(), b, &dev)?;
@@ -213,7 +371,11 @@ impl Trainer {
 
         let upd = self.memory.update(keys, &features, &prepared)?;
         let after = self.memory.after_step(step)?;
-        let labels_after = self.memory.labels_of(keys);
+        let labels_after: Vec<u32> = keys
+            .iter()
+            .zip(prepared.labels.iter())
+            .map(|(k, &l)| self.memory.label_of(k).unwrap_or(l))
+            .collect();
         let reseeded: Vec<u32> = after.reseeded.clone();
         if self.odc_cfg.reinit_reseeded_heads && !reseeded.is_empty() {
             let rows: Vec<usize> = reseeded.iter().map(|&r| r as usize).collect();

@@ -505,6 +505,15 @@ impl StreamingMemory {
         })
     }
 
+    /// Small-cluster handling outside the step schedule: right after the initial clustering,
+    /// so that no cluster starts empty (the reference asserts instead). Updates the weights.
+    pub fn handle_small_clusters(&mut self) -> Result<SmallClusterReport> {
+        let min_cluster = self.cfg.min_cluster.resolve(self.mem.len());
+        let report = self.mem.deal_with_small_clusters(min_cluster)?;
+        self.weights = self.current_weights();
+        Ok(report)
+    }
+
     /// Health metrics, O(K).
     pub fn stats(&self) -> MemoryStats {
         let sizes = self.mem.sizes();
