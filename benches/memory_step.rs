@@ -111,12 +111,30 @@ fn main() {
     // a first small-cluster pass so the timed state only has the clusters we make small
     let _ = mem.deal_with_small_clusters(min_cluster);
 
-    let mut upd = Timing { name: "update_samples (momentum + relabel, B rows)", ms: vec![] };
-    let mut weights = Timing { name: "class_weights (incremental sizes)", ms: vec![] };
-    let mut small = Timing { name: "deal_with_small_clusters (few small)", ms: vec![] };
-    let mut none_small = Timing { name: "deal_with_small_clusters (none small)", ms: vec![] };
-    let mut step_total = Timing { name: "per-step total (upd + small + weights)", ms: vec![] };
-    let mut recompute = Timing { name: "update_centroids (full recompute)", ms: vec![] };
+    let mut upd = Timing {
+        name: "update_samples (momentum + relabel, B rows)",
+        ms: vec![],
+    };
+    let mut weights = Timing {
+        name: "class_weights (incremental sizes)",
+        ms: vec![],
+    };
+    let mut small = Timing {
+        name: "deal_with_small_clusters (few small)",
+        ms: vec![],
+    };
+    let mut none_small = Timing {
+        name: "deal_with_small_clusters (none small)",
+        ms: vec![],
+    };
+    let mut step_total = Timing {
+        name: "per-step total (upd + small + weights)",
+        ms: vec![],
+    };
+    let mut recompute = Timing {
+        name: "update_centroids (full recompute)",
+        ms: vec![],
+    };
     let mut splits = 0usize;
     for step in 0..steps {
         let slots: Vec<u32> = (0..b).map(|_| rng.random_range(0..m as u32)).collect();
