@@ -85,21 +85,36 @@ fn num(v: &Value, what: &str) -> Result<f64, String> {
 
 fn exact<T: PartialEq + std::fmt::Debug>(what: &str, got: &[T], want: &[T]) -> Check {
     if got.len() != want.len() {
-        return Err(format!("{what}: length {} vs expected {}", got.len(), want.len()));
+        return Err(format!(
+            "{what}: length {} vs expected {}",
+            got.len(),
+            want.len()
+        ));
     }
     match got.iter().zip(want).position(|(a, b)| a != b) {
-        Some(i) => Err(format!("{what}[{i}]: got {:?}, expected {:?}", got[i], want[i])),
+        Some(i) => Err(format!(
+            "{what}[{i}]: got {:?}, expected {:?}",
+            got[i], want[i]
+        )),
         None => Ok(()),
     }
 }
 
 fn close(what: &str, got: &[f64], want: &[f64], abs: f64) -> Check {
     if got.len() != want.len() {
-        return Err(format!("{what}: length {} vs expected {}", got.len(), want.len()));
+        return Err(format!(
+            "{what}: length {} vs expected {}",
+            got.len(),
+            want.len()
+        ));
     }
     for (i, (a, b)) in got.iter().zip(want).enumerate() {
-        if !((a - b).abs() <= abs) {
-            return Err(format!("{what}[{i}]: got {a}, expected {b} (abs tol {abs})"));
+        // written so that NaN fails
+        let within = (a - b).abs() <= abs;
+        if !within {
+            return Err(format!(
+                "{what}[{i}]: got {a}, expected {b} (abs tol {abs})"
+            ));
         }
     }
     Ok(())
@@ -113,11 +128,18 @@ fn close32(what: &str, got: &[f32], want: &Value, abs: f64) -> Check {
 fn close_rel(what: &str, got: &[f32], want: &Value, rel: f64) -> Check {
     let want = f64s(want, what)?;
     if got.len() != want.len() {
-        return Err(format!("{what}: length {} vs expected {}", got.len(), want.len()));
+        return Err(format!(
+            "{what}: length {} vs expected {}",
+            got.len(),
+            want.len()
+        ));
     }
     for (i, (&a, &b)) in got.iter().zip(&want).enumerate() {
-        if !((a as f64 - b).abs() <= rel * b.abs()) {
-            return Err(format!("{what}[{i}]: got {a}, expected {b} (rel tol {rel})"));
+        let within = (a as f64 - b).abs() <= rel * b.abs();
+        if !within {
+            return Err(format!(
+                "{what}[{i}]: got {a}, expected {b} (rel tol {rel})"
+            ));
         }
     }
     Ok(())
@@ -163,10 +185,20 @@ fn op_init_memory(v: &Value, tol: &Tol) -> Check {
     let feats = f32s(field(v, "input.features")?, "features")?;
     let labels = u32s(field(v, "input.labels")?, "labels")?;
     let mut mem = OdcMemory::new(labels.len(), d, k).map_err(|e| e.to_string())?;
-    mem.init_memory(&feats, &labels).map_err(|e| e.to_string())?;
+    mem.init_memory(&feats, &labels)
+        .map_err(|e| e.to_string())?;
     close32("bank", mem.bank(), field(v, "expected.bank")?, tol.f32_abs)?;
-    close32("centroids", mem.centroids(), field(v, "expected.centroids")?, tol.f32_abs)?;
-    exact("sizes", &usizes_as_u32(&mem.sizes()), &u32s(field(v, "expected.sizes")?, "sizes")?)
+    close32(
+        "centroids",
+        mem.centroids(),
+        field(v, "expected.centroids")?,
+        tol.f32_abs,
+    )?;
+    exact(
+        "sizes",
+        &usizes_as_u32(&mem.sizes()),
+        &u32s(field(v, "expected.sizes")?, "sizes")?,
+    )
 }
 
 fn op_update_samples(v: &Value, tol: &Tol) -> Check {
@@ -179,9 +211,22 @@ fn op_update_samples(v: &Value, tol: &Tol) -> Check {
         .map_err(|e| e.to_string())?;
     let e = field(v, "expected")?;
     close32("batch_rows", &up.rows, &e["batch_rows"], tol.f32_abs)?;
-    exact("batch_labels", &up.labels, &u32s(&e["batch_labels"], "batch_labels")?)?;
-    exact("change_count", &[up.change_count as u64], &[e["change_count"].as_u64().unwrap_or(u64::MAX)])?;
-    close("change_ratio", &[up.change_ratio], &[num(&e["change_ratio"], "change_ratio")?], 1e-12)?;
+    exact(
+        "batch_labels",
+        &up.labels,
+        &u32s(&e["batch_labels"], "batch_labels")?,
+    )?;
+    exact(
+        "change_count",
+        &[up.change_count as u64],
+        &[e["change_count"].as_u64().unwrap_or(u64::MAX)],
+    )?;
+    close(
+        "change_ratio",
+        &[up.change_ratio],
+        &[num(&e["change_ratio"], "change_ratio")?],
+        1e-12,
+    )?;
     close32("bank", mem.bank(), &e["bank"], tol.f32_abs)?;
     exact("labels", mem.labels(), &u32s(&e["labels"], "labels")?)
 }
@@ -190,15 +235,36 @@ fn op_update_centroids(v: &Value, tol: &Tol) -> Check {
     let e = field(v, "expected")?;
     let mut full = memory_from_input(v)?;
     full.update_centroids(None).map_err(|e| e.to_string())?;
-    close32("centroids_full", full.centroids(), &e["centroids_full"], tol.f32_abs)?;
+    close32(
+        "centroids_full",
+        full.centroids(),
+        &e["centroids_full"],
+        tol.f32_abs,
+    )?;
     let mut part = memory_from_input(v)?;
     let cinds = u32s(field(v, "input.cinds")?, "cinds")?;
-    part.update_centroids(Some(&cinds)).map_err(|e| e.to_string())?;
-    close32("centroids_partial", part.centroids(), &e["centroids_partial"], tol.f32_abs)?;
+    part.update_centroids(Some(&cinds))
+        .map_err(|e| e.to_string())?;
+    close32(
+        "centroids_partial",
+        part.centroids(),
+        &e["centroids_partial"],
+        tol.f32_abs,
+    )?;
     let sizes = full.sizes();
-    exact("sizes", &usizes_as_u32(&sizes), &u32s(&e["sizes"], "sizes")?)?;
-    let empty: Vec<u32> = (0..sizes.len() as u32).filter(|&c| sizes[c as usize] == 0).collect();
-    exact("empty_clusters", &empty, &u32s(&e["empty_clusters"], "empty_clusters")?)
+    exact(
+        "sizes",
+        &usizes_as_u32(&sizes),
+        &u32s(&e["sizes"], "sizes")?,
+    )?;
+    let empty: Vec<u32> = (0..sizes.len() as u32)
+        .filter(|&c| sizes[c as usize] == 0)
+        .collect();
+    exact(
+        "empty_clusters",
+        &empty,
+        &u32s(&e["empty_clusters"], "empty_clusters")?,
+    )
 }
 
 fn op_reweight_ce(v: &Value, tol: &Tol) -> Check {
@@ -211,41 +277,84 @@ fn op_reweight_ce(v: &Value, tol: &Tol) -> Check {
     mem.init_memory(&vec![0.0; labels.len()], &labels)
         .map_err(|e| e.to_string())?;
     let e = field(v, "expected")?;
-    exact("sizes", &usizes_as_u32(&mem.sizes()), &u32s(&e["sizes"], "sizes")?)?;
+    exact(
+        "sizes",
+        &usizes_as_u32(&mem.sizes()),
+        &u32s(&e["sizes"], "sizes")?,
+    )?;
     let w = mem.class_weights(eps, power);
     close_rel("weights", &w, &e["weights"], tol.weights_rel)?;
-    close_rel("weights (loss helper)", &class_weights(&mem.sizes(), eps, power), &e["weights"], tol.weights_rel)?;
+    close_rel(
+        "weights (loss helper)",
+        &class_weights(&mem.sizes(), eps, power),
+        &e["weights"],
+        tol.weights_rel,
+    )?;
     let logits = f32s(field(v, "input.logits")?, "logits")?;
     let targets = u32s(field(v, "input.targets")?, "targets")?;
     let (ce, loss) = weighted_cross_entropy(&logits, &targets, &w).map_err(|e| e.to_string())?;
-    close("per_sample_ce", &ce, &f64s(&e["per_sample_ce"], "per_sample_ce")?, tol.ce_abs)?;
+    close(
+        "per_sample_ce",
+        &ce,
+        &f64s(&e["per_sample_ce"], "per_sample_ce")?,
+        tol.ce_abs,
+    )?;
     close("loss", &[loss], &[num(&e["loss"], "loss")?], tol.ce_abs)?;
     let unweighted = ce.iter().sum::<f64>() / ce.len() as f64;
-    close("unweighted_mean_ce", &[unweighted], &[num(&e["unweighted_mean_ce"], "unweighted_mean_ce")?], tol.ce_abs)
+    close(
+        "unweighted_mean_ce",
+        &[unweighted],
+        &[num(&e["unweighted_mean_ce"], "unweighted_mean_ce")?],
+        tol.ce_abs,
+    )
 }
 
 fn check_splits(what: &str, r: &SmallClusterReport, want: &Value) -> Check {
     let want = want.as_array().ok_or(format!("{what}: not an array"))?;
     if r.splits.len() != want.len() {
-        return Err(format!("{what}: {} splits, expected {}", r.splits.len(), want.len()));
+        return Err(format!(
+            "{what}: {} splits, expected {}",
+            r.splits.len(),
+            want.len()
+        ));
     }
     for (i, (s, w)) in r.splits.iter().zip(want).enumerate() {
         let got = match w {
             // multistep form: [empty_id, big, big_size, moved, fallback]
-            Value::Array(_) => vec![s.empty_id as u64, s.big as u64, s.big_size as u64, s.moved as u64, s.fallback as u64],
-            _ => vec![s.empty_id as u64, s.big as u64, s.big_size as u64, s.moved as u64, s.fallback as u64, s.rounds as u64, s.seed_row as u64],
+            Value::Array(_) => vec![
+                s.empty_id as u64,
+                s.big as u64,
+                s.big_size as u64,
+                s.moved as u64,
+                s.fallback as u64,
+            ],
+            _ => vec![
+                s.empty_id as u64,
+                s.big as u64,
+                s.big_size as u64,
+                s.moved as u64,
+                s.fallback as u64,
+                s.rounds as u64,
+                s.seed_row as u64,
+            ],
         };
         let expected: Vec<u64> = match w {
             Value::Array(a) => a.iter().map(|x| x.as_u64().unwrap_or(u64::MAX)).collect(),
-            _ => ["empty_id", "big", "big_size", "moved", "fallback", "rounds", "seed_row"]
-                .iter()
-                .map(|k| match &w[*k] {
-                    Value::Bool(b) => *b as u64,
-                    x => x.as_u64().unwrap_or(u64::MAX),
-                })
-                .collect(),
+            _ => [
+                "empty_id", "big", "big_size", "moved", "fallback", "rounds", "seed_row",
+            ]
+            .iter()
+            .map(|k| match &w[*k] {
+                Value::Bool(b) => *b as u64,
+                x => x.as_u64().unwrap_or(u64::MAX),
+            })
+            .collect(),
         };
-        exact(&format!("{what}[{i}] (empty_id, big, big_size, moved, fallback[, rounds, seed_row])"), &got, &expected)?;
+        exact(
+            &format!("{what}[{i}] (empty_id, big, big_size, moved, fallback[, rounds, seed_row])"),
+            &got,
+            &expected,
+        )?;
     }
     Ok(())
 }
@@ -255,8 +364,14 @@ fn op_small_clusters(v: &Value, tol: &Tol) -> Check {
     let e = field(v, "expected")?;
     // phase A alone is not exposed; check it by re-running phase A's rule on the moves
     let mut mem = memory_from_input(v)?;
-    let r = mem.deal_with_small_clusters(min_cluster).map_err(|e| e.to_string())?;
-    exact("small_ids", &r.small_ids, &u32s(&e["small_ids"], "small_ids")?)?;
+    let r = mem
+        .deal_with_small_clusters(min_cluster)
+        .map_err(|e| e.to_string())?;
+    exact(
+        "small_ids",
+        &r.small_ids,
+        &u32s(&e["small_ids"], "small_ids")?,
+    )?;
     let moves: Vec<[u32; 2]> = e["phase_a_moves"]
         .as_array()
         .ok_or("phase_a_moves: not an array")?
@@ -271,17 +386,29 @@ fn op_small_clusters(v: &Value, tol: &Tol) -> Check {
     for [s, t] in &r.phase_a_moves {
         after_a[*s as usize] = *t;
     }
-    exact("labels_after_phase_a", &after_a, &u32s(&e["labels_after_phase_a"], "labels_after_phase_a")?)?;
+    exact(
+        "labels_after_phase_a",
+        &after_a,
+        &u32s(&e["labels_after_phase_a"], "labels_after_phase_a")?,
+    )?;
     check_splits("splits", &r, &e["splits"])?;
     exact("labels", mem.labels(), &u32s(&e["labels"], "labels")?)?;
     close32("centroids", mem.centroids(), &e["centroids"], tol.f32_abs)?;
-    exact("sizes", &usizes_as_u32(&mem.sizes()), &u32s(&e["sizes"], "sizes")?)
+    exact(
+        "sizes",
+        &usizes_as_u32(&mem.sizes()),
+        &u32s(&e["sizes"], "sizes")?,
+    )
 }
 
 fn op_split_cluster(v: &Value, _tol: &Tol) -> Check {
     let d = params(v, "d")?;
-    let subs = field(v, "input.subcases")?.as_array().ok_or("input.subcases")?;
-    let want = field(v, "expected.subcases")?.as_array().ok_or("expected.subcases")?;
+    let subs = field(v, "input.subcases")?
+        .as_array()
+        .ok_or("input.subcases")?;
+    let want = field(v, "expected.subcases")?
+        .as_array()
+        .ok_or("expected.subcases")?;
     if subs.len() != want.len() {
         return Err("subcase count differs between input and expected".into());
     }
@@ -291,10 +418,26 @@ fn op_split_cluster(v: &Value, _tol: &Tol) -> Check {
         let r = two_means(n, d, |j| &rows[j * d..(j + 1) * d]).map_err(|e| e.to_string())?;
         let label = s["label"].as_str().unwrap_or("?");
         let part: Vec<u32> = r.part.iter().map(|&p| p as u32).collect();
-        exact(&format!("subcase {i} ({label}) part"), &part, &u32s(&w["part"], "part")?)?;
-        exact(&format!("subcase {i} ({label}) fallback"), &[r.fallback], &[w["fallback"].as_bool().ok_or("fallback")?])?;
-        exact(&format!("subcase {i} ({label}) rounds"), &[r.rounds as u64], &[w["rounds"].as_u64().ok_or("rounds")?])?;
-        exact(&format!("subcase {i} ({label}) seed_row"), &[r.seed_row as u64], &[w["seed_row"].as_u64().ok_or("seed_row")?])?;
+        exact(
+            &format!("subcase {i} ({label}) part"),
+            &part,
+            &u32s(&w["part"], "part")?,
+        )?;
+        exact(
+            &format!("subcase {i} ({label}) fallback"),
+            &[r.fallback],
+            &[w["fallback"].as_bool().ok_or("fallback")?],
+        )?;
+        exact(
+            &format!("subcase {i} ({label}) rounds"),
+            &[r.rounds as u64],
+            &[w["rounds"].as_u64().ok_or("rounds")?],
+        )?;
+        exact(
+            &format!("subcase {i} ({label}) seed_row"),
+            &[r.seed_row as u64],
+            &[w["seed_row"].as_u64().ok_or("seed_row")?],
+        )?;
     }
     Ok(())
 }
@@ -308,18 +451,42 @@ struct Snapshot<'a> {
 fn check_state(prefix: &str, s: &Snapshot, e: &Value, tol: &Tol) -> Check {
     let f = |name: &str| format!("{prefix}{name}");
     exact(&f("labels"), s.mem.labels(), &u32s(&e["labels"], "labels")?)?;
-    exact(&f("sizes"), &usizes_as_u32(&s.mem.sizes()), &u32s(&e["sizes"], "sizes")?)?;
+    exact(
+        &f("sizes"),
+        &usizes_as_u32(&s.mem.sizes()),
+        &u32s(&e["sizes"], "sizes")?,
+    )?;
     if let Some(c) = e.get("centroids") {
         close32(&f("centroids"), s.mem.centroids(), c, tol.f32_abs)?;
     }
     if e.get("centroids_sum").is_some() {
         let (sum, chk) = checksums(s.mem.centroids());
-        close(&f("centroids_sum"), &[sum], &[num(&e["centroids_sum"], "centroids_sum")?], tol.checksum_abs)?;
-        close(&f("centroids_checksum"), &[chk], &[num(&e["centroids_checksum"], "centroids_checksum")?], tol.checksum_abs)?;
+        close(
+            &f("centroids_sum"),
+            &[sum],
+            &[num(&e["centroids_sum"], "centroids_sum")?],
+            tol.checksum_abs,
+        )?;
+        close(
+            &f("centroids_checksum"),
+            &[chk],
+            &[num(&e["centroids_checksum"], "centroids_checksum")?],
+            tol.checksum_abs,
+        )?;
     }
     let (sum, chk) = checksums(s.mem.bank());
-    close(&f("bank_sum"), &[sum], &[num(&e["bank_sum"], "bank_sum")?], tol.checksum_abs)?;
-    close(&f("bank_checksum"), &[chk], &[num(&e["bank_checksum"], "bank_checksum")?], tol.checksum_abs)?;
+    close(
+        &f("bank_sum"),
+        &[sum],
+        &[num(&e["bank_sum"], "bank_sum")?],
+        tol.checksum_abs,
+    )?;
+    close(
+        &f("bank_checksum"),
+        &[chk],
+        &[num(&e["bank_checksum"], "bank_checksum")?],
+        tol.checksum_abs,
+    )?;
     if let Some(idx) = e.get("bank_rows_idx") {
         let idx = u32s(idx, "bank_rows_idx")?;
         let mut rows = Vec::new();
@@ -342,17 +509,30 @@ fn op_multistep(v: &Value, tol: &Tol) -> Check {
     let power = num(&v["params"]["power"], "power")?;
     let feats = f32s(field(v, "input.features")?, "features")?;
     let labels = u32s(field(v, "input.labels")?, "labels")?;
-    let batches = field(v, "input.batches")?.as_array().ok_or("input.batches")?;
-    let steps = field(v, "expected.steps")?.as_array().ok_or("expected.steps")?;
+    let batches = field(v, "input.batches")?
+        .as_array()
+        .ok_or("input.batches")?;
+    let steps = field(v, "expected.steps")?
+        .as_array()
+        .ok_or("expected.steps")?;
     if batches.len() != steps.len() {
         return Err("batches and expected steps differ in count".into());
     }
 
     // --- slot memory
     let mut mem = OdcMemory::new(n, d, k).map_err(|e| e.to_string())?;
-    mem.init_memory(&feats, &labels).map_err(|e| e.to_string())?;
+    mem.init_memory(&feats, &labels)
+        .map_err(|e| e.to_string())?;
     let mut weights = mem.class_weights(eps, power);
-    check_state("start: ", &Snapshot { mem: &mem, weights: &weights }, field(v, "expected.start")?, tol)?;
+    check_state(
+        "start: ",
+        &Snapshot {
+            mem: &mem,
+            weights: &weights,
+        },
+        field(v, "expected.start")?,
+        tol,
+    )?;
 
     // --- streaming memory over the same data, keys "s{i}"
     let keys: Vec<String> = (0..n).map(|i| format!("s{i}")).collect();
@@ -364,7 +544,9 @@ fn op_multistep(v: &Value, tol: &Tol) -> Check {
     cfg.weight_eps = eps;
     cfg.weight_power = power;
     let mut stream = StreamingMemory::new(cfg).map_err(|e| e.to_string())?;
-    stream.init_from_clustering(&keys, &feats, &labels).map_err(|e| e.to_string())?;
+    stream
+        .init_from_clustering(&keys, &feats, &labels)
+        .map_err(|e| e.to_string())?;
 
     for (step, (b, e)) in batches.iter().zip(steps).enumerate() {
         let at = |front: &str| format!("step {step} ({front}): ");
@@ -377,41 +559,130 @@ fn op_multistep(v: &Value, tol: &Tol) -> Check {
         // slot memory, README step order
         let p = at("slot memory");
         let for_loss: Vec<u32> = idx.iter().map(|&i| mem.labels()[i as usize]).collect();
-        exact(&format!("{p}labels_for_loss"), &for_loss, &u32s(&e["labels_for_loss"], "labels_for_loss")?)?;
-        close_rel(&format!("{p}weights_for_loss"), &weights, &e["weights_for_loss"], tol.weights_rel)?;
-        let up = mem.update_samples(&idx, &bf, momentum).map_err(|er| format!("{p}{er}"))?;
-        exact(&format!("{p}change_count"), &[up.change_count as u64], &[e["change_count"].as_u64().unwrap_or(u64::MAX)])?;
-        exact(&format!("{p}batch_labels"), &up.labels, &u32s(&e["batch_labels"], "batch_labels")?)?;
-        let recompute = (step as u64 + 1) % interval == 0;
-        exact(&format!("{p}centroids_recomputed"), &[recompute], &[e["centroids_recomputed"].as_bool().ok_or("centroids_recomputed")?])?;
+        exact(
+            &format!("{p}labels_for_loss"),
+            &for_loss,
+            &u32s(&e["labels_for_loss"], "labels_for_loss")?,
+        )?;
+        close_rel(
+            &format!("{p}weights_for_loss"),
+            &weights,
+            &e["weights_for_loss"],
+            tol.weights_rel,
+        )?;
+        let up = mem
+            .update_samples(&idx, &bf, momentum)
+            .map_err(|er| format!("{p}{er}"))?;
+        exact(
+            &format!("{p}change_count"),
+            &[up.change_count as u64],
+            &[e["change_count"].as_u64().unwrap_or(u64::MAX)],
+        )?;
+        exact(
+            &format!("{p}batch_labels"),
+            &up.labels,
+            &u32s(&e["batch_labels"], "batch_labels")?,
+        )?;
+        let recompute = (step as u64 + 1).is_multiple_of(interval);
+        exact(
+            &format!("{p}centroids_recomputed"),
+            &[recompute],
+            &[e["centroids_recomputed"]
+                .as_bool()
+                .ok_or("centroids_recomputed")?],
+        )?;
         if recompute {
-            mem.update_centroids(None).map_err(|er| format!("{p}{er}"))?;
+            mem.update_centroids(None)
+                .map_err(|er| format!("{p}{er}"))?;
         }
-        let r = mem.deal_with_small_clusters(min_cluster).map_err(|er| format!("{p}{er}"))?;
-        exact(&format!("{p}small_ids"), &r.small_ids, &u32s(&e["small_ids"], "small_ids")?)?;
+        let r = mem
+            .deal_with_small_clusters(min_cluster)
+            .map_err(|er| format!("{p}{er}"))?;
+        exact(
+            &format!("{p}small_ids"),
+            &r.small_ids,
+            &u32s(&e["small_ids"], "small_ids")?,
+        )?;
         check_splits(&format!("{p}splits"), &r, &e["splits"])?;
         weights = mem.class_weights(eps, power);
-        check_state(&p, &Snapshot { mem: &mem, weights: &weights }, e, tol)?;
+        check_state(
+            &p,
+            &Snapshot {
+                mem: &mem,
+                weights: &weights,
+            },
+            e,
+            tol,
+        )?;
 
         // streaming memory, trainer call order
         let p = at("streaming memory");
         let bkeys: Vec<String> = idx.iter().map(|&i| keys[i as usize].clone()).collect();
-        let prep = stream.prepare(&bkeys, &bf).map_err(|er| format!("{p}{er}"))?;
-        exact(&format!("{p}labels_for_loss"), &prep.labels, &u32s(&e["labels_for_loss"], "labels_for_loss")?)?;
+        let prep = stream
+            .prepare(&bkeys, &bf)
+            .map_err(|er| format!("{p}{er}"))?;
+        exact(
+            &format!("{p}labels_for_loss"),
+            &prep.labels,
+            &u32s(&e["labels_for_loss"], "labels_for_loss")?,
+        )?;
         exact(&format!("{p}seen"), &prep.seen, &vec![true; idx.len()])?;
-        close_rel(&format!("{p}weights_for_loss"), &prep.weights, &e["weights_for_loss"], tol.weights_rel)?;
-        let st = stream.update(&bkeys, &bf, &prep).map_err(|er| format!("{p}{er}"))?;
-        exact(&format!("{p}change_count"), &[st.change_count as u64], &[e["change_count"].as_u64().unwrap_or(u64::MAX)])?;
-        exact(&format!("{p}inserted/evicted"), &[st.inserted, st.evicted], &[0, 0])?;
-        let a = stream.after_step(step as u64).map_err(|er| format!("{p}{er}"))?;
-        exact(&format!("{p}centroids_recomputed"), &[a.centroids_recomputed], &[recompute])?;
-        exact(&format!("{p}small_ids"), &a.report.small_ids, &u32s(&e["small_ids"], "small_ids")?)?;
+        close_rel(
+            &format!("{p}weights_for_loss"),
+            &prep.weights,
+            &e["weights_for_loss"],
+            tol.weights_rel,
+        )?;
+        let st = stream
+            .update(&bkeys, &bf, &prep)
+            .map_err(|er| format!("{p}{er}"))?;
+        exact(
+            &format!("{p}change_count"),
+            &[st.change_count as u64],
+            &[e["change_count"].as_u64().unwrap_or(u64::MAX)],
+        )?;
+        exact(
+            &format!("{p}inserted/evicted"),
+            &[st.inserted, st.evicted],
+            &[0, 0],
+        )?;
+        let a = stream
+            .after_step(step as u64)
+            .map_err(|er| format!("{p}{er}"))?;
+        exact(
+            &format!("{p}centroids_recomputed"),
+            &[a.centroids_recomputed],
+            &[recompute],
+        )?;
+        exact(
+            &format!("{p}small_ids"),
+            &a.report.small_ids,
+            &u32s(&e["small_ids"], "small_ids")?,
+        )?;
         check_splits(&format!("{p}splits"), &a.report, &e["splits"])?;
         exact(&format!("{p}reseeded"), &a.reseeded, &r.reseeded_ids())?;
-        check_state(&p, &Snapshot { mem: stream.memory(), weights: &a.weights }, e, tol)?;
+        check_state(
+            &p,
+            &Snapshot {
+                mem: stream.memory(),
+                weights: &a.weights,
+            },
+            e,
+            tol,
+        )?;
     }
-    close32("final_bank", mem.bank(), field(v, "expected.final_bank")?, tol.f32_abs)?;
-    close32("final_bank (streaming)", stream.memory().bank(), field(v, "expected.final_bank")?, tol.f32_abs)
+    close32(
+        "final_bank",
+        mem.bank(),
+        field(v, "expected.final_bank")?,
+        tol.f32_abs,
+    )?;
+    close32(
+        "final_bank (streaming)",
+        stream.memory().bank(),
+        field(v, "expected.final_bank")?,
+        tol.f32_abs,
+    )
 }
 
 fn run_file(path: &Path) -> Check {
@@ -449,7 +720,10 @@ fn every_conformance_vector_passes() {
     let files = vector_files();
     let mut failures = Vec::new();
     for f in &files {
-        let name = f.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        let name = f
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
         match run_file(f) {
             Ok(()) => println!("ok   {name}"),
             Err(e) => {
@@ -458,7 +732,13 @@ fn every_conformance_vector_passes() {
             }
         }
     }
-    assert!(failures.is_empty(), "{} of {} vector files failed:\n{}", failures.len(), files.len(), failures.join("\n"));
+    assert!(
+        failures.is_empty(),
+        "{} of {} vector files failed:\n{}",
+        failures.len(),
+        files.len(),
+        failures.join("\n")
+    );
 }
 
 #[test]
@@ -466,7 +746,8 @@ fn unknown_op_is_rejected() {
     let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("tempdir: {e}"));
     let p = dir.path().join("99_bogus.json");
     let tol = r#""tolerance": {"labels_and_counts": "exact", "float32_abs": 1e-5, "weights_rel": 1e-5, "cross_entropy_abs": 1e-5, "checksum_abs": 1e-3}"#;
-    std::fs::write(&p, format!(r#"{{"op": "frobnicate", {tol}}}"#)).unwrap_or_else(|e| panic!("write: {e}"));
+    std::fs::write(&p, format!(r#"{{"op": "frobnicate", {tol}}}"#))
+        .unwrap_or_else(|e| panic!("write: {e}"));
     let err = run_file(&p).expect_err("an unknown op must fail");
     assert!(err.contains("unknown op"), "{err}");
 }

@@ -125,7 +125,10 @@ fn means(data: &[f32], dim: usize, labels: &[u32], k: usize) -> (Vec<f32>, Vec<u
             }
             let mut acc = vec![0f64; dim];
             for &i in pts {
-                for (a, &x) in acc.iter_mut().zip(&data[i as usize * dim..(i as usize + 1) * dim]) {
+                for (a, &x) in acc
+                    .iter_mut()
+                    .zip(&data[i as usize * dim..(i as usize + 1) * dim])
+                {
                     *a += x as f64;
                 }
             }
@@ -291,7 +294,11 @@ mod tests {
         assert_eq!(r.labels.len(), g * per);
         assert_eq!(r.objective.len(), 20);
         for w in r.objective.windows(2) {
-            assert!(w[1] <= w[0] * (1.0 + 1e-5), "objective grew: {:?}", r.objective);
+            assert!(
+                w[1] <= w[0] * (1.0 + 1e-5),
+                "objective grew: {:?}",
+                r.objective
+            );
         }
         // a good run puts each blob in one cluster; random init can merge two blobs, so
         // only require that every cluster is a subset of one blob
@@ -363,7 +370,11 @@ mod tests {
                 .and_then(|v| v.parse().ok())
                 .unwrap_or(d)
         };
-        let (n, k, dim) = (env("ODC_KMEANS_N", 200_000), env("ODC_KMEANS_K", 10_000), 256);
+        let (n, k, dim) = (
+            env("ODC_KMEANS_N", 200_000),
+            env("ODC_KMEANS_K", 10_000),
+            256,
+        );
         let niter = env("ODC_KMEANS_ITERS", 20);
         let mut rng = ChaCha8Rng::seed_from_u64(1);
         let data: Vec<f32> = (0..n * dim).map(|_| rng.random::<f32>()).collect();

@@ -10,7 +10,11 @@ pub(crate) const SCORE_BLOCK: usize = 512;
 
 /// `out = x / (||x|| + 1e-10)`, computed in f64 and rounded to f32 once (the reference's rule).
 pub(crate) fn normalise_into(x: &[f32], out: &mut [f32]) {
-    let norm = x.iter().map(|&v| (v as f64) * (v as f64)).sum::<f64>().sqrt();
+    let norm = x
+        .iter()
+        .map(|&v| (v as f64) * (v as f64))
+        .sum::<f64>()
+        .sqrt();
     let denom = norm + NORM_EPS;
     for (o, &v) in out.iter_mut().zip(x) {
         *o = (v as f64 / denom) as f32;
@@ -22,7 +26,10 @@ pub(crate) fn check_finite(what: &'static str, data: &[f32], dim: usize) -> Resu
     if dim == 0 {
         return Ok(());
     }
-    match data.par_chunks(dim).position_first(|r| r.iter().any(|v| !v.is_finite())) {
+    match data
+        .par_chunks(dim)
+        .position_first(|r| r.iter().any(|v| !v.is_finite()))
+    {
         Some(row) => Err(OdcError::NonFinite { what, row }),
         None => Ok(()),
     }
@@ -30,7 +37,7 @@ pub(crate) fn check_finite(what: &'static str, data: &[f32], dim: usize) -> Resu
 
 /// Checks `data.len() == rows * dim` (and that it is a whole number of rows).
 pub(crate) fn check_rows(what: &'static str, data: &[f32], dim: usize) -> Result<usize> {
-    if dim == 0 || data.len() % dim != 0 {
+    if dim == 0 || !data.len().is_multiple_of(dim) {
         return Err(OdcError::LengthMismatch {
             what,
             expected: data.len().div_ceil(dim.max(1)) * dim,
@@ -119,7 +126,7 @@ pub(crate) fn nearest_by_dot(
     k: usize,
     mask: Option<&[bool]>,
 ) -> Vec<Option<u32>> {
-    let r = if d == 0 { 0 } else { rows.len() / d };
+    let r = rows.len().checked_div(d).unwrap_or(0);
     let mut out = Vec::with_capacity(r);
     let mut scores = vec![0f32; SCORE_BLOCK.min(r.max(1)) * k];
     for block in rows.chunks(SCORE_BLOCK * d.max(1)) {

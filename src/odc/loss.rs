@@ -90,7 +90,9 @@ pub fn weighted_cross_entropy_tensor(
         .gather(&targets.reshape((b, 1))?, D::Minus1)?
         .squeeze(D::Minus1)?;
     let ce = (lse - picked)?;
-    let w = weights.to_dtype(logits.dtype())?.index_select(&targets, 0)?;
+    let w = weights
+        .to_dtype(logits.dtype())?
+        .index_select(&targets, 0)?;
     (ce * &w)?.sum_all()? / w.sum_all()?
 }
 

@@ -194,7 +194,9 @@ impl OdcMemory {
     }
     /// Member slots of a cluster, in no particular order.
     pub fn members(&self, cluster: u32) -> &[u32] {
-        self.members.get(cluster as usize).map_or(&[], Vec::as_slice)
+        self.members
+            .get(cluster as usize)
+            .map_or(&[], Vec::as_slice)
     }
 
     /// Replaces the centroids (k × dim).
@@ -417,7 +419,10 @@ impl OdcMemory {
             m.sort_unstable();
             let mut acc = vec![0f64; d];
             for &s in &m {
-                for (a, &x) in acc.iter_mut().zip(&bank[s as usize * d..(s as usize + 1) * d]) {
+                for (a, &x) in acc
+                    .iter_mut()
+                    .zip(&bank[s as usize * d..(s as usize + 1) * d])
+                {
                     *a += x as f64;
                 }
             }
@@ -672,7 +677,11 @@ mod tests {
                 assert_eq!(mem.pos[s as usize] as usize, p, "{when}: pos of slot {s}");
             }
         }
-        assert_eq!(mem.len(), naive.labels.iter().flatten().count(), "{when}: len");
+        assert_eq!(
+            mem.len(),
+            naive.labels.iter().flatten().count(),
+            "{when}: len"
+        );
         for (s, l) in naive.labels.iter().enumerate() {
             assert_eq!(mem.label(s as u32), *l, "{when}: label of {s}");
         }
@@ -699,10 +708,12 @@ mod tests {
             assert_consistent(&mem, &naive, "init");
             for op in 0..200 {
                 let when = format!("seed {seed} op {op}");
-                let occupied: Vec<u32> =
-                    (0..cap as u32).filter(|&s| naive.labels[s as usize].is_some()).collect();
-                let empty: Vec<u32> =
-                    (0..cap as u32).filter(|&s| naive.labels[s as usize].is_none()).collect();
+                let occupied: Vec<u32> = (0..cap as u32)
+                    .filter(|&s| naive.labels[s as usize].is_some())
+                    .collect();
+                let empty: Vec<u32> = (0..cap as u32)
+                    .filter(|&s| naive.labels[s as usize].is_none())
+                    .collect();
                 match rng.random_range(0..5) {
                     0 if !occupied.is_empty() => {
                         let s = occupied[rng.random_range(0..occupied.len())];
@@ -718,8 +729,9 @@ mod tests {
                     2 if !occupied.is_empty() => {
                         // batch with repeats: last copy's label wins
                         let b = rng.random_range(1..8);
-                        let slots: Vec<u32> =
-                            (0..b).map(|_| occupied[rng.random_range(0..occupied.len())]).collect();
+                        let slots: Vec<u32> = (0..b)
+                            .map(|_| occupied[rng.random_range(0..occupied.len())])
+                            .collect();
                         let f: Vec<f32> = (0..b).flat_map(|_| random_row(&mut rng, d)).collect();
                         let up = mem.update_samples(&slots, &f, 0.5).unwrap();
                         for (s, l) in slots.iter().zip(&up.labels) {
@@ -756,9 +768,14 @@ mod tests {
 
     #[test]
     fn every_cluster_small_changes_nothing() {
-        let mut mem =
-            OdcMemory::from_parts(2, 3, vec![1.0, 0.0, 0.0, 1.0, 1.0, 1.0], &[0, 1, 2], vec![0.0; 6])
-                .unwrap();
+        let mut mem = OdcMemory::from_parts(
+            2,
+            3,
+            vec![1.0, 0.0, 0.0, 1.0, 1.0, 1.0],
+            &[0, 1, 2],
+            vec![0.0; 6],
+        )
+        .unwrap();
         let r = mem.deal_with_small_clusters(5).unwrap();
         assert_eq!(r.outcome, SmallClusterOutcome::NoAllowedTarget);
         assert_eq!(r.small_ids, vec![0, 1, 2]);
@@ -790,14 +807,19 @@ mod tests {
         ));
         assert!(mem.init_memory(&[1.0, 0.0, 0.0], &[0]).is_err(), "ragged");
         assert!(mem.init_memory(&[1.0, 0.0], &[2]).is_err(), "label ≥ k");
-        assert!(mem.init_memory(&[1.0; 10], &[0; 5]).is_err(), "over capacity");
+        assert!(
+            mem.init_memory(&[1.0; 10], &[0; 5]).is_err(),
+            "over capacity"
+        );
         mem.init_memory(&[1.0, 0.0, 0.0, 1.0], &[0, 1]).unwrap();
         assert!(matches!(
             mem.update_samples(&[3], &[1.0, 0.0], 0.5),
             Err(OdcError::SlotEmpty { slot: 3 })
         ));
         assert!(mem.update_samples(&[9], &[1.0, 0.0], 0.5).is_err());
-        assert!(mem.update_samples(&[0], &[f32::INFINITY, 0.0], 0.5).is_err());
+        assert!(mem
+            .update_samples(&[0], &[f32::INFINITY, 0.0], 0.5)
+            .is_err());
         assert!(mem.update_samples(&[0], &[1.0, 0.0], 1.5).is_err());
         assert!(mem.update_samples(&[0, 1], &[1.0, 0.0], 0.5).is_err());
         assert!(mem.insert(0, &[1.0, 0.0], 0).is_err(), "occupied");
@@ -812,8 +834,17 @@ mod tests {
     #[test]
     fn nearest_centroid_uses_raw_dot_product_and_lowest_id_on_ties() {
         // centroid 1 is longer: raw dot product prefers it although cosine would tie
-        let mem = OdcMemory::from_parts(2, 3, vec![1.0, 0.0], &[0], vec![1.0, 0.0, 2.0, 0.0, 2.0, 0.0])
-            .unwrap();
-        assert_eq!(mem.nearest_centroid(&[3.0, 0.0, 0.0, 0.0]).unwrap(), vec![1, 0]);
+        let mem = OdcMemory::from_parts(
+            2,
+            3,
+            vec![1.0, 0.0],
+            &[0],
+            vec![1.0, 0.0, 2.0, 0.0, 2.0, 0.0],
+        )
+        .unwrap();
+        assert_eq!(
+            mem.nearest_centroid(&[3.0, 0.0, 0.0, 0.0]).unwrap(),
+            vec![1, 0]
+        );
     }
 }

@@ -24,9 +24,7 @@ pub mod two_means;
 
 pub use kmeans::{kmeans, KMeansConfig, KMeansResult};
 pub use loss::{class_weights, weighted_cross_entropy, weighted_cross_entropy_tensor};
-pub use memory::{
-    OdcMemory, SampleUpdate, SmallClusterOutcome, SmallClusterReport, SplitRecord,
-};
+pub use memory::{OdcMemory, SampleUpdate, SmallClusterOutcome, SmallClusterReport, SplitRecord};
 pub use stream::{
     AfterStep, EvictionPolicy, MemoryStats, MinCluster, Prepared, StepStats, StreamConfig,
     StreamingMemory, StreamingState,

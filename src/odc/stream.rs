@@ -489,7 +489,7 @@ impl StreamingMemory {
     /// resolved `min_cluster`, then the class weights for the next step.
     pub fn after_step(&mut self, step: u64) -> Result<AfterStep> {
         let interval = self.cfg.centroid_interval;
-        let centroids_recomputed = interval > 0 && (step + 1) % interval == 0;
+        let centroids_recomputed = interval > 0 && (step + 1).is_multiple_of(interval);
         if centroids_recomputed {
             self.mem.update_centroids(None)?;
         }
@@ -570,11 +570,9 @@ impl StreamingMemory {
             not_stored_total: self.not_stored_total,
         };
         for (slot, key) in self.key_of_slot.iter().enumerate() {
-            let (Some(key), Some(label), Some(row)) = (
-                key,
-                self.mem.label(slot as u32),
-                self.mem.row(slot as u32),
-            ) else {
+            let (Some(key), Some(label), Some(row)) =
+                (key, self.mem.label(slot as u32), self.mem.row(slot as u32))
+            else {
                 continue;
             };
             state.slots.push(slot as u32);
@@ -705,7 +703,8 @@ mod tests {
         cfg.min_cluster = MinCluster::Count(0);
         let mut m = StreamingMemory::new(cfg).unwrap();
         let f = vec![1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 1.0, 0.1, 0.0, 0.1, 1.0, 0.0];
-        m.init_from_clustering(&keys(0..4), &f, &[0, 1, 0, 1]).unwrap();
+        m.init_from_clustering(&keys(0..4), &f, &[0, 1, 0, 1])
+            .unwrap();
         let _ = &mut rng;
         let new = vec!["x".to_string(), "y".into(), "x".into()];
         let nf = vec![0.0, 2.0, 0.1, 3.0, 0.0, 0.0, 0.0, 1.0, 0.0];
@@ -750,7 +749,10 @@ mod tests {
         }
         let early: u32 = hits[..10].iter().sum();
         let late: u32 = hits[40..].iter().sum();
-        assert!((early as f64 - late as f64).abs() < 160.0, "{early} vs {late}");
+        assert!(
+            (early as f64 - late as f64).abs() < 160.0,
+            "{early} vs {late}"
+        );
     }
 
     #[test]
@@ -791,7 +793,9 @@ mod tests {
             cfg.centroid_interval = 2;
             let mut a = warm(cfg, 30, &mut rng);
             for s in 0..5 {
-                let ks: Vec<String> = (0..8).map(|j| format!("k{}", (s * 7 + j * 5) % 60)).collect();
+                let ks: Vec<String> = (0..8)
+                    .map(|j| format!("k{}", (s * 7 + j * 5) % 60))
+                    .collect();
                 step(&mut a, &ks, &mut rng, s);
             }
             let state = a.export();
@@ -802,7 +806,9 @@ mod tests {
             assert_eq!(b.export(), state);
             let mut rng_b = rng.clone();
             for s in 5..12 {
-                let ks: Vec<String> = (0..8).map(|j| format!("k{}", (s * 11 + j * 3) % 90)).collect();
+                let ks: Vec<String> = (0..8)
+                    .map(|j| format!("k{}", (s * 11 + j * 3) % 90))
+                    .collect();
                 let sa = step(&mut a, &ks, &mut rng, s);
                 let sb = step(&mut b, &ks, &mut rng_b, s);
                 assert_eq!(sa, sb, "step {s}");
@@ -820,7 +826,10 @@ mod tests {
         assert!(StreamingMemory::import(&s).is_err());
         let mut s = m.export();
         s.keys[1] = s.keys[0].clone();
-        assert!(matches!(StreamingMemory::import(&s), Err(OdcError::DuplicateKey(_))));
+        assert!(matches!(
+            StreamingMemory::import(&s),
+            Err(OdcError::DuplicateKey(_))
+        ));
         let mut s = m.export();
         s.fifo.push(9);
         assert!(StreamingMemory::import(&s).is_err());
@@ -832,7 +841,9 @@ mod tests {
         let mut m = warm(StreamConfig::new(10, 3, 2), 6, &mut rng);
         let ks = keys(0..2);
         assert!(m.prepare(&ks, &[0.0; 5]).is_err());
-        assert!(m.prepare(&ks, &[0.0, 0.0, f32::NAN, 1.0, 1.0, 1.0]).is_err());
+        assert!(m
+            .prepare(&ks, &[0.0, 0.0, f32::NAN, 1.0, 1.0, 1.0])
+            .is_err());
         let p = m.prepare(&ks, &[1.0; 6]).unwrap();
         assert!(m.update(&keys(0..3), &[1.0; 9], &p).is_err());
         let dup = vec!["a".to_string(), "a".into()];

@@ -48,8 +48,9 @@ where
         .map(|ch| {
             let mut acc = vec![0f64; dim];
             let mut cnt = 0usize;
-            for i in ch * CHUNK..((ch + 1) * CHUNK).min(n) {
-                if assign[i] == side {
+            let lo = ch * CHUNK;
+            for (i, &a) in assign.iter().enumerate().take((lo + CHUNK).min(n)).skip(lo) {
+                if a == side {
                     cnt += 1;
                     for (a, &x) in acc.iter_mut().zip(row(i)) {
                         *a += x as f64;
@@ -95,7 +96,10 @@ where
         ));
     }
     let first: Vec<f64> = row(0).iter().map(|&v| v as f64).collect();
-    let d_first: Vec<f64> = (0..n).into_par_iter().map(|i| sq_dist(row(i), &first)).collect();
+    let d_first: Vec<f64> = (0..n)
+        .into_par_iter()
+        .map(|i| sq_dist(row(i), &first))
+        .collect();
     let mut seed_row = 0usize;
     for (i, &d) in d_first.iter().enumerate() {
         if d > d_first[seed_row] {
@@ -154,14 +158,23 @@ mod tests {
     #[test]
     fn two_groups_are_separated() {
         let rows: Vec<Vec<f32>> = (0..8)
-            .map(|i| if i % 3 == 0 { vec![1.0, 0.0] } else { vec![0.0, 1.0 + i as f32 * 0.01] })
+            .map(|i| {
+                if i % 3 == 0 {
+                    vec![1.0, 0.0]
+                } else {
+                    vec![0.0, 1.0 + i as f32 * 0.01]
+                }
+            })
             .collect();
         let s = run(&rows);
         assert!(!s.fallback);
         for (i, &p) in s.part.iter().enumerate() {
             assert_eq!(p, i % 3 != 0, "row {i}");
         }
-        assert_eq!(s.seed_row, 7, "farthest from row 0 is the last of the second group");
+        assert_eq!(
+            s.seed_row, 7,
+            "farthest from row 0 is the last of the second group"
+        );
     }
 
     #[test]
