@@ -6,6 +6,7 @@
 pub mod config;
 pub mod decode;
 pub mod device;
+pub mod metrics;
 pub mod model;
 pub mod odc;
 pub mod optim;
