@@ -89,7 +89,7 @@ impl BatchDecoder {
                 )));
             }
         }
-        if std.iter().any(|s| *s == 0.0) {
+        if std.contains(&0.0) {
             return Err(PipelineError::Config(
                 "transform std must not contain 0".into(),
             ));
