@@ -63,7 +63,8 @@ fn bench(name: &str, records: &[Record], cfg: PipelineConfig, secs: f64) -> Resu
         let (t0, c0) = (Instant::now(), cpu_secs());
         while t0.elapsed() < Duration::from_secs_f64(secs) {
             for chunk in records.chunks(batch) {
-                let (b, rej) = pool.install(|| decoder.decode_batch(chunk.to_vec(), visit));
+                let (b, rej) = pool
+                    .install(|| decoder.decode_batch(chunk.to_vec(), &vec![visit; chunk.len()]));
                 assert!(rej.is_empty() && b.is_some());
                 n += chunk.len();
             }

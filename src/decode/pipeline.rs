@@ -103,12 +103,12 @@ impl BatchDecoder {
     }
 
     /// Decode + transform `records` in parallel on the current rayon pool, keeping their order.
-    /// `visit` (the source pass) varies the augmentation between passes. Returns the batch of
-    /// the good records (None if none) and the rejected ones.
+    /// `visits[i]` (the source pass that read record i; missing = 0) varies the augmentation
+    /// between passes. Returns the batch of the good records (None if none) and the rejected ones.
     pub fn decode_batch(
         &self,
         records: Vec<Record>,
-        visit: u64,
+        visits: &[u64],
     ) -> (Option<Batch>, Vec<RejectedRecord>) {
         let cfg = &*self.cfg;
         let c = cfg.decode.channels as usize;
@@ -118,7 +118,9 @@ impl BatchDecoder {
         let results: Vec<Result<(), DecodeError>> = data
             .par_chunks_mut(per)
             .zip(records.par_iter())
-            .map(|(dst, rec)| {
+            .enumerate()
+            .map(|(i, (dst, rec))| {
+                let visit = visits.get(i).copied().unwrap_or(0);
                 SCRATCH.with(|cell| {
                     let mut guard = cell.borrow_mut();
                     let (pix, tmp, fbuf) = &mut *guard;
@@ -328,9 +330,9 @@ impl Stage {
         let mut ended = false;
         while !ended {
             let mut records = Vec::with_capacity(cfg.batch_size);
+            // The pass that read each record: the augmentation's visit counter.
+            let mut visits = Vec::with_capacity(cfg.batch_size);
             let mut deadline = None;
-            // The visit counter is the pass of the first record: stable for a given state.
-            let visit = self.state.pass;
             while records.len() < cfg.batch_size {
                 let item = tokio::select! {
                     _ = self.cancel.cancelled() => return,
@@ -344,6 +346,7 @@ impl Stage {
                 match item {
                     Ok(rec) => {
                         self.state.observe(&rec.position);
+                        visits.push(self.state.pass);
                         records.push(rec);
                         deadline.get_or_insert_with(|| tokio::time::Instant::now() + wait);
                     }
@@ -359,7 +362,7 @@ impl Stage {
             let (otx, orx) = oneshot::channel();
             let decoder = self.decoder.clone();
             self.pool.spawn(move || {
-                let _ = otx.send(decoder.decode_batch(records, visit));
+                let _ = otx.send(decoder.decode_batch(records, &visits));
             });
             let Ok((batch, rejects)) = orx.await else {
                 tracing::error!("decode worker vanished; stopping the pipeline");
