@@ -121,18 +121,26 @@ impl BatchDecoder {
             .enumerate()
             .map(|(i, (dst, rec))| {
                 let visit = visits.get(i).copied().unwrap_or(0);
-                SCRATCH.with(|cell| {
-                    let mut guard = cell.borrow_mut();
-                    let (pix, tmp, fbuf) = &mut *guard;
-                    let (w, h) = decode_into(&rec.image, &cfg.decode, pix, tmp)?;
-                    match &cfg.transform {
-                        TransformConfig::Train(a) => {
-                            let mut rng = sample_rng(cfg.seed, &rec.key, visit);
-                            train_transform(pix, w, h, c, a, &mut rng, fbuf, dst);
+                // A decoder bug on hostile bytes must cost one record, not the daemon.
+                let run = std::panic::AssertUnwindSafe(|| {
+                    SCRATCH.with(|cell| {
+                        let mut guard = cell.borrow_mut();
+                        let (pix, tmp, fbuf) = &mut *guard;
+                        let (w, h) = decode_into(&rec.image, &cfg.decode, pix, tmp)?;
+                        match &cfg.transform {
+                            TransformConfig::Train(a) => {
+                                let mut rng = sample_rng(cfg.seed, &rec.key, visit);
+                                train_transform(pix, w, h, c, a, &mut rng, fbuf, dst);
+                            }
+                            TransformConfig::Eval(e) => eval_transform(pix, w, h, c, e, fbuf, dst),
                         }
-                        TransformConfig::Eval(e) => eval_transform(pix, w, h, c, e, fbuf, dst),
-                    }
-                    Ok(())
+                        Ok(())
+                    })
+                });
+                std::panic::catch_unwind(run).unwrap_or_else(|_| {
+                    Err(DecodeError::Undecodable(
+                        "the image decoder panicked on this input".into(),
+                    ))
                 })
             })
             .collect();
