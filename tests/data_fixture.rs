@@ -4,7 +4,9 @@
 use object_store::{local::LocalFileSystem, path::Path};
 use odcd::decode::{BatchStream, EvalConfig, PipelineConfig, TransformConfig};
 use odcd::shards::{import_idx, read_idx};
-use odcd::source::{DataMetrics, ObjectStoreSource, ObjectStoreSourceConfig, SourceState};
+use odcd::source::{
+    DataMetrics, ObjectStoreSource, ObjectStoreSourceConfig, SourceMode, SourceState,
+};
 use std::sync::Arc;
 use tokio_util::sync::CancellationToken;
 
@@ -131,4 +133,51 @@ async fn fixture_reads_end_to_end_and_resumes_exactly() {
     assert_eq!(m2.records_read.get(), 136);
     let all: Vec<String> = first.into_iter().chain(rest).collect();
     assert_eq!(all, keys);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn loop_mode_reads_n_passes_with_fresh_augmentations() {
+    use odcd::decode::AugmentConfig;
+    let registry = prometheus::Registry::new();
+    let metrics = DataMetrics::register(&registry).unwrap();
+    let store = Arc::new(LocalFileSystem::new_with_prefix(fixtures_dir()).unwrap());
+    let mut scfg = ObjectStoreSourceConfig::new("file:///fixtures");
+    scfg.mode = SourceMode::Loop { passes: Some(2) };
+    let cancel = CancellationToken::new();
+    let rx = ObjectStoreSource::with_store(store, Path::from(""), scfg)
+        .with_metrics(metrics.clone())
+        .spawn(SourceState::default(), cancel.clone());
+    let mut cfg = PipelineConfig::new(200, TransformConfig::Train(AugmentConfig::new(24)));
+    cfg.decode.channels = 1;
+    cfg.seed = 42;
+    let mut stream = BatchStream::spawn(
+        rx,
+        cfg,
+        metrics.clone(),
+        None,
+        SourceState::default(),
+        cancel,
+    )
+    .unwrap();
+    let first = stream.next().await.unwrap();
+    assert_eq!(stream.state().pass, 0);
+    let second = stream.next().await.unwrap();
+    assert_eq!(stream.state().pass, 1);
+    assert!(stream.next().await.is_none(), "two passes, then the end");
+    assert_eq!(first.keys, second.keys);
+    // Same keys, next visit: different random crops.
+    let (a, b) = (
+        first.images.flatten_all().unwrap(),
+        second.images.flatten_all().unwrap(),
+    );
+    let diff: f32 = (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .to_scalar()
+        .unwrap();
+    assert!(diff > 1.0, "augmentation did not change between passes");
+    assert_eq!(metrics.records_read.get(), 400);
 }

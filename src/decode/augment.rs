@@ -104,32 +104,35 @@ fn warp<const C: usize>(
     oh: usize,
     out: &mut [f32],
 ) {
+    if m.0[1] == 0.0 && m.0[3] == 0.0 {
+        return warp_axis_aligned::<C>(src, sw, sh, m, ow, oh, out);
+    }
     const INV: f32 = 1.0 / 255.0;
     let (maxx, maxy) = ((sw - 1) as f32, (sh - 1) as f32);
-    let (lox, hix, loy, hiy) = (-0.5, sw as f32 - 0.5, -0.5, sh as f32 - 0.5);
+    let (hix, hiy) = (sw as f32 - 0.5, sh as f32 - 0.5);
     let row = sw * C;
-    for yo in 0..oh {
+    for (yo, dst_row) in out.chunks_exact_mut(ow * C).take(oh).enumerate() {
         // Source position of this row's first pixel centre, in index coordinates (-0.5).
         let (mut sx, mut sy) = m.apply(0.5, yo as f32 + 0.5);
         sx -= 0.5;
         sy -= 0.5;
-        let dst_row = &mut out[yo * ow * C..(yo + 1) * ow * C];
         for o in dst_row.chunks_exact_mut(C) {
-            if sx < lox || sx > hix || sy < loy || sy > hiy {
+            if sx < -0.5 || sx > hix || sy < -0.5 || sy > hiy {
                 o.fill(0.0);
             } else {
-                let x = sx.clamp(0.0, maxx);
-                let y = sy.clamp(0.0, maxy);
-                let (x0, y0) = (x as usize, y as usize);
+                let x = sx.max(0.0).min(maxx);
+                let y = sy.max(0.0).min(maxy);
+                let (x0, y0) = (x as u32 as usize, y as u32 as usize);
                 let (fx, fy) = (x - x0 as f32, y - y0 as f32);
-                let x1 = if x0 + 1 < sw { x0 + 1 } else { x0 };
-                let y1 = if y0 + 1 < sh { y0 + 1 } else { y0 };
-                let (r0, r1) = (y0 * row, y1 * row);
+                let dx = if x0 + 1 < sw { C } else { 0 };
+                let dy = if y0 + 1 < sh { row } else { 0 };
+                let i00 = y0 * row + x0 * C;
+                let (a, b) = (&src[i00..i00 + dx + C], &src[i00 + dy..i00 + dy + dx + C]);
                 for c in 0..C {
-                    let p00 = f32::from(src[r0 + x0 * C + c]);
-                    let p01 = f32::from(src[r0 + x1 * C + c]);
-                    let p10 = f32::from(src[r1 + x0 * C + c]);
-                    let p11 = f32::from(src[r1 + x1 * C + c]);
+                    let p00 = f32::from(a[c]);
+                    let p01 = f32::from(a[dx + c]);
+                    let p10 = f32::from(b[c]);
+                    let p11 = f32::from(b[dx + c]);
                     let top = p00 + (p01 - p00) * fx;
                     let bot = p10 + (p11 - p10) * fx;
                     o[c] = (top + (bot - top) * fy) * INV;
@@ -137,6 +140,58 @@ fn warp<const C: usize>(
             }
             sx += m.0[0];
             sy += m.0[3];
+        }
+    }
+}
+
+/// No rotation: the map is separable, so x taps and weights are computed once per column and
+/// y once per row (the common case, and the whole eval transform).
+fn warp_axis_aligned<const C: usize>(
+    src: &[u8],
+    sw: usize,
+    sh: usize,
+    m: &Affine,
+    ow: usize,
+    oh: usize,
+    out: &mut [f32],
+) {
+    const INV: f32 = 1.0 / 255.0;
+    let row = sw * C;
+    // Same edge rule as the general path: clamp to the border, 0 beyond half a pixel.
+    let tap = |pos: f32, n: usize| -> Option<(usize, usize, f32)> {
+        if pos < -0.5 || pos > n as f32 - 0.5 {
+            return None;
+        }
+        let p = pos.max(0.0).min((n - 1) as f32);
+        let i0 = p as u32 as usize;
+        Some((i0, if i0 + 1 < n { i0 + 1 } else { i0 }, p - i0 as f32))
+    };
+    let xs: Vec<Option<(usize, usize, f32)>> = (0..ow)
+        .map(|xo| tap(m.0[0] * (xo as f32 + 0.5) + m.0[2] - 0.5, sw))
+        .collect();
+    for (yo, dst_row) in out.chunks_exact_mut(ow * C).take(oh).enumerate() {
+        let Some((y0, y1, fy)) = tap(m.0[4] * (yo as f32 + 0.5) + m.0[5] - 0.5, sh) else {
+            dst_row.fill(0.0);
+            continue;
+        };
+        let (r0, r1) = (
+            &src[y0 * row..(y0 + 1) * row],
+            &src[y1 * row..(y1 + 1) * row],
+        );
+        for (o, t) in dst_row.chunks_exact_mut(C).zip(&xs) {
+            let Some((x0, x1, fx)) = *t else {
+                o.fill(0.0);
+                continue;
+            };
+            for c in 0..C {
+                let p00 = f32::from(r0[x0 * C + c]);
+                let p01 = f32::from(r0[x1 * C + c]);
+                let p10 = f32::from(r1[x0 * C + c]);
+                let p11 = f32::from(r1[x1 * C + c]);
+                let top = p00 + (p01 - p00) * fx;
+                let bot = p10 + (p11 - p10) * fx;
+                o[c] = (top + (bot - top) * fy) * INV;
+            }
         }
     }
 }
@@ -230,6 +285,7 @@ fn saturation(img: &mut [f32], f: f32) {
 }
 
 /// torchvision `_rgb2hsv` for one pixel; h in [0,1).
+#[inline]
 pub fn rgb_to_hsv(r: f32, g: f32, b: f32) -> (f32, f32, f32) {
     let maxc = r.max(g).max(b);
     let minc = r.min(g).min(b);
@@ -238,27 +294,31 @@ pub fn rgb_to_hsv(r: f32, g: f32, b: f32) -> (f32, f32, f32) {
     if cr == 0.0 {
         return (0.0, s, maxc);
     }
-    let (rc, gc, bc) = ((maxc - r) / cr, (maxc - g) / cr, (maxc - b) / cr);
+    let inv = 1.0 / cr;
     let h = if maxc == r {
-        bc - gc
+        (g - b) * inv
     } else if maxc == g {
-        2.0 + rc - bc
+        2.0 + (b - r) * inv
     } else {
-        4.0 + gc - rc
+        4.0 + (r - g) * inv
     };
-    ((h / 6.0).rem_euclid(1.0), s, maxc)
+    // h is in (-1, 5]: wrap to [0, 1) without a float modulo (hot loop).
+    let h = h * (1.0 / 6.0);
+    (if h < 0.0 { h + 1.0 } else { h }, s, maxc)
 }
 
-/// torchvision `_hsv2rgb` for one pixel.
+/// torchvision `_hsv2rgb` for one pixel (h in [0,1)).
+#[inline]
 pub fn hsv_to_rgb(h: f32, s: f32, v: f32) -> (f32, f32, f32) {
     let h6 = h * 6.0;
-    let i = h6.floor();
+    // h ≥ 0, so truncation is floor (f32::floor is a libm call on baseline x86-64).
+    let i = h6 as i32 as f32;
     let f = h6 - i;
-    let p = (v * (1.0 - s)).clamp(0.0, 1.0);
-    let q = (v * (1.0 - s * f)).clamp(0.0, 1.0);
-    let t = (v * (1.0 - s * (1.0 - f))).clamp(0.0, 1.0);
-    match (i as i32).rem_euclid(6) {
-        0 => (v, t, p),
+    let p = v * (1.0 - s);
+    let q = v * (1.0 - s * f);
+    let t = v * (1.0 - s * (1.0 - f));
+    match i as i32 {
+        0 | 6 => (v, t, p),
         1 => (q, v, p),
         2 => (p, v, t),
         3 => (p, q, v),
@@ -268,9 +328,16 @@ pub fn hsv_to_rgb(h: f32, s: f32, v: f32) -> (f32, f32, f32) {
 }
 
 fn hue(img: &mut [f32], shift: f32) {
+    // shift in [-0.5, 0.5]: one conditional wrap keeps h in [0, 1).
     for p in img.chunks_exact_mut(3) {
         let (h, s, v) = rgb_to_hsv(p[0], p[1], p[2]);
-        let (r, g, b) = hsv_to_rgb((h + shift).rem_euclid(1.0), s, v);
+        let mut h = h + shift;
+        if h < 0.0 {
+            h += 1.0;
+        } else if h >= 1.0 {
+            h -= 1.0;
+        }
+        let (r, g, b) = hsv_to_rgb(h, s, v);
         p[0] = r;
         p[1] = g;
         p[2] = b;
@@ -495,6 +562,21 @@ mod tests {
         eval_transform(&src, 16, 8, 1, &cfg, &mut s, &mut d);
         let want = (200.0 / 255.0 - 0.5) / 0.25;
         assert!(d.iter().all(|v| (v - want).abs() < 1e-5));
+    }
+
+    #[test]
+    fn rotated_path_matches_axis_aligned_path() {
+        let src = ramp(37, 23, 3);
+        let m = train_affine((3, 5, 17, 29), 19, true, 0.0);
+        let (mut a, mut b) = (vec![0.0; 19 * 19 * 3], vec![0.0; 19 * 19 * 3]);
+        warp_axis_aligned::<3>(&src, 37, 23, &m, 19, 19, &mut a);
+        // Same map with a zero-but-present rotation term forces the general path.
+        let mut g = m;
+        g.0[1] = 1e-30;
+        warp::<3>(&src, 37, 23, &g, 19, 19, &mut b);
+        for (x, y) in a.iter().zip(&b) {
+            assert!((x - y).abs() < 1e-4, "{x} vs {y}");
+        }
     }
 
     #[test]

@@ -234,3 +234,57 @@ impl PipelineConfig {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::source::{ObjectStoreSourceConfig, SourceMode};
+
+    /// The config shape the daemon reads (TOML), with defaults filled in.
+    #[derive(Deserialize)]
+    struct Daemon {
+        source: ObjectStoreSourceConfig,
+        pipeline: PipelineConfig,
+    }
+
+    #[test]
+    fn toml_config_parses_with_defaults() {
+        let cfg: Daemon = toml::from_str(
+            r#"
+            [source]
+            url = "s3://bucket/shards"
+            mode = { loop = { passes = 3 } }
+            [source.options]
+            aws_endpoint = "http://127.0.0.1:9000"
+            aws_allow_http = "true"
+
+            [pipeline]
+            batch_size = 256
+            seed = 7
+            [pipeline.decode]
+            channels = 1
+            [pipeline.transform.train]
+            size = 28
+            rotation_degrees = 10.0
+            brightness = 0.4
+            "#,
+        )
+        .unwrap();
+        assert_eq!(cfg.source.mode, SourceMode::Loop { passes: Some(3) });
+        assert_eq!(cfg.source.max_member_bytes, 32 << 20);
+        assert_eq!(cfg.source.options["aws_allow_http"], "true");
+        assert_eq!(cfg.pipeline.decode.channels, 1);
+        assert_eq!(cfg.pipeline.decode.max_pixels, 40_000_000);
+        let TransformConfig::Train(a) = &cfg.pipeline.transform else {
+            panic!("expected train transform")
+        };
+        assert_eq!((a.size, a.scale, a.hflip_p), (28, (0.08, 1.0), 0.5));
+        let follow: ObjectStoreSourceConfig =
+            toml::from_str("url = \"file:///data\"\nmode = \"follow\"").unwrap();
+        assert_eq!(follow.mode, SourceMode::Follow);
+        // Typos are errors, not silently ignored settings.
+        assert!(
+            toml::from_str::<ObjectStoreSourceConfig>("url = \"x\"\npol_interval_ms = 1").is_err()
+        );
+    }
+}

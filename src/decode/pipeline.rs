@@ -89,7 +89,7 @@ impl BatchDecoder {
                 )));
             }
         }
-        if std.iter().any(|s| *s == 0.0) {
+        if std.contains(&0.0) {
             return Err(PipelineError::Config(
                 "transform std must not contain 0".into(),
             ));
@@ -103,12 +103,12 @@ impl BatchDecoder {
     }
 
     /// Decode + transform `records` in parallel on the current rayon pool, keeping their order.
-    /// `visit` (the source pass) varies the augmentation between passes. Returns the batch of
-    /// the good records (None if none) and the rejected ones.
+    /// `visits[i]` (the source pass that read record i; missing = 0) varies the augmentation
+    /// between passes. Returns the batch of the good records (None if none) and the rejected ones.
     pub fn decode_batch(
         &self,
         records: Vec<Record>,
-        visit: u64,
+        visits: &[u64],
     ) -> (Option<Batch>, Vec<RejectedRecord>) {
         let cfg = &*self.cfg;
         let c = cfg.decode.channels as usize;
@@ -118,19 +118,29 @@ impl BatchDecoder {
         let results: Vec<Result<(), DecodeError>> = data
             .par_chunks_mut(per)
             .zip(records.par_iter())
-            .map(|(dst, rec)| {
-                SCRATCH.with(|cell| {
-                    let mut guard = cell.borrow_mut();
-                    let (pix, tmp, fbuf) = &mut *guard;
-                    let (w, h) = decode_into(&rec.image, &cfg.decode, pix, tmp)?;
-                    match &cfg.transform {
-                        TransformConfig::Train(a) => {
-                            let mut rng = sample_rng(cfg.seed, &rec.key, visit);
-                            train_transform(pix, w, h, c, a, &mut rng, fbuf, dst);
+            .enumerate()
+            .map(|(i, (dst, rec))| {
+                let visit = visits.get(i).copied().unwrap_or(0);
+                // A decoder bug on hostile bytes must cost one record, not the daemon.
+                let run = std::panic::AssertUnwindSafe(|| {
+                    SCRATCH.with(|cell| {
+                        let mut guard = cell.borrow_mut();
+                        let (pix, tmp, fbuf) = &mut *guard;
+                        let (w, h) = decode_into(&rec.image, &cfg.decode, pix, tmp)?;
+                        match &cfg.transform {
+                            TransformConfig::Train(a) => {
+                                let mut rng = sample_rng(cfg.seed, &rec.key, visit);
+                                train_transform(pix, w, h, c, a, &mut rng, fbuf, dst);
+                            }
+                            TransformConfig::Eval(e) => eval_transform(pix, w, h, c, e, fbuf, dst),
                         }
-                        TransformConfig::Eval(e) => eval_transform(pix, w, h, c, e, fbuf, dst),
-                    }
-                    Ok(())
+                        Ok(())
+                    })
+                });
+                std::panic::catch_unwind(run).unwrap_or_else(|_| {
+                    Err(DecodeError::Undecodable(
+                        "the image decoder panicked on this input".into(),
+                    ))
                 })
             })
             .collect();
@@ -328,9 +338,9 @@ impl Stage {
         let mut ended = false;
         while !ended {
             let mut records = Vec::with_capacity(cfg.batch_size);
+            // The pass that read each record: the augmentation's visit counter.
+            let mut visits = Vec::with_capacity(cfg.batch_size);
             let mut deadline = None;
-            // The visit counter is the pass of the first record: stable for a given state.
-            let visit = self.state.pass;
             while records.len() < cfg.batch_size {
                 let item = tokio::select! {
                     _ = self.cancel.cancelled() => return,
@@ -344,6 +354,7 @@ impl Stage {
                 match item {
                     Ok(rec) => {
                         self.state.observe(&rec.position);
+                        visits.push(self.state.pass);
                         records.push(rec);
                         deadline.get_or_insert_with(|| tokio::time::Instant::now() + wait);
                     }
@@ -359,7 +370,7 @@ impl Stage {
             let (otx, orx) = oneshot::channel();
             let decoder = self.decoder.clone();
             self.pool.spawn(move || {
-                let _ = otx.send(decoder.decode_batch(records, visit));
+                let _ = otx.send(decoder.decode_batch(records, &visits));
             });
             let Ok((batch, rejects)) = orx.await else {
                 tracing::error!("decode worker vanished; stopping the pipeline");

@@ -281,23 +281,13 @@ impl ObjectStoreSource {
         };
         let get = match got {
             Ok(g) => g,
+            // NotFound is retried too: after a successful listing it is as likely a restarted or
+            // failing-over server as a deletion; a shard that stays gone is reported after retries.
             Err(object_store::Error::NotFound { .. }) => {
-                // Deleted since listing: retrying will not help.
-                let item = Err(RejectedRecord {
-                    key: shard.to_string(),
-                    reason: RejectReason::ReadError,
-                    message: format!("shard {shard} disappeared after listing; skipped"),
-                    position: Position::Shard {
-                        shard: shard.to_string(),
-                        index: skip,
-                    },
-                    payload: None,
-                    format: None,
-                });
-                return match send(tx, cancel, item).await {
-                    ControlFlow::Continue(()) => ShardEnd::Done { items: skip + 1 },
-                    ControlFlow::Break(()) => ShardEnd::Stopped { items: skip },
-                };
+                return ShardEnd::Transport {
+                    items: skip,
+                    message: format!("shard {shard} not found (deleted after listing?)"),
+                }
             }
             Err(e) => {
                 return ShardEnd::Transport {
