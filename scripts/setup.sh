@@ -27,6 +27,13 @@ if ! command -v cargo >/dev/null; then
   fi
 fi
 
+# Test services (not needed by the quickstart): Prometheus scrapes the daemon in a test.
+if [ "${1:-}" != "--no-test-services" ] && ! command -v prometheus >/dev/null; then
+  export DEBIAN_FRONTEND=noninteractive
+  $SUDO apt-get update -qq
+  $SUDO apt-get install -y -qq prometheus
+fi
+
 # S3-compatible server for the object-store tests (not needed by the quickstart).
 if [ "${1:-}" != "--no-test-services" ] && ! command -v moto_server >/dev/null; then
   python3 -m pip install --quiet --disable-pip-version-check 'moto[server]'

@@ -7,6 +7,7 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 
 use crate::decode::PipelineConfig;
+use crate::metrics::MetricsConfig;
 use crate::model::ModelConfig;
 use crate::optim::SgdConfig;
 use crate::source::ObjectStoreSourceConfig;
@@ -103,6 +104,8 @@ pub struct Config {
     #[serde(default)]
     pub train: TrainConfig,
     #[serde(default)]
+    pub metrics: MetricsConfig,
+    #[serde(default)]
     pub log: LogConfig,
 }
 
@@ -166,6 +169,12 @@ impl Config {
         }
         crate::device::select_device(&self.train.device)
             .map_err(|e| invalid("train.device", e.to_string()))?;
+        if self.metrics.enabled && self.metrics.listen.parse::<std::net::SocketAddr>().is_err() {
+            return Err(invalid(
+                "metrics.listen",
+                format!("`{}` is not an address: use HOST:PORT such as 127.0.0.1:9898", self.metrics.listen),
+            ));
+        }
         if self.train.log_every == 0 {
             return Err(invalid("train.log_every", "must be > 0"));
         }

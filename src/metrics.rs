@@ -77,7 +77,6 @@ pub struct TrainMetrics {
     pub memory_capacity: IntGauge,
     pub memory_evictions: IntGauge,
     pub step: IntGauge,
-    pub batch_queue_depth: IntGauge,
     pub last_checkpoint_timestamp: Gauge,
     pub checkpoint_failures: IntCounter,
     pub checkpoints: IntCounter,
@@ -139,7 +138,6 @@ impl TrainMetrics {
             memory_capacity: ig("odcd_odc_memory_capacity_entries", "Capacity of the samples memory")?,
             memory_evictions: ig("odcd_odc_memory_evictions_total", "Entries evicted from the samples memory")?,
             step: ig("odcd_train_step", "Current global step")?,
-            batch_queue_depth: ig("odcd_batch_queue_depth", "Decoded batches waiting for the trainer")?,
             last_checkpoint_timestamp: g(
                 "odcd_checkpoint_last_success_timestamp_seconds",
                 "Unix time of the last durable checkpoint",

@@ -8,6 +8,7 @@ use std::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
+use crate::metrics::{Health, TrainMetrics};
 use crate::decode::BatchStream;
 use crate::record::Batch;
 use crate::source::{DataMetrics, SourceState};
@@ -27,6 +28,8 @@ pub enum RunError {
     TooFewSamples { got: usize, k: usize },
     #[error("cannot write weights to {path}: {message}")]
     SaveWeights { path: String, message: String },
+    #[error("{0}")]
+    Listen(std::io::Error),
     #[error("trainer thread failed: {0}")]
     Thread(String),
 }
@@ -48,6 +51,19 @@ pub async fn run(cfg: Config, cancel: CancellationToken) -> Result<RunSummary, R
     let device = crate::device::select_device(&cfg.train.device)?;
     let registry = prometheus::Registry::new();
     let metrics = DataMetrics::register(&registry)?;
+    let train_metrics = TrainMetrics::register(&registry)?;
+    let health = Health::new();
+    if cfg.metrics.enabled {
+        let addr = crate::metrics::serve(
+            &cfg.metrics.listen,
+            registry.clone(),
+            health.clone(),
+            cancel.clone(),
+        )
+        .await
+        .map_err(RunError::Listen)?;
+        tracing::info!("metrics on http://{addr}/metrics (also /healthz, /readyz)");
+    }
     let stream = BatchStream::from_config(
         cfg.source.clone(),
         cfg.pipeline.clone(),
@@ -56,10 +72,15 @@ pub async fn run(cfg: Config, cancel: CancellationToken) -> Result<RunSummary, R
         cancel.child_token(),
     )?;
     let handle = tokio::runtime::Handle::current();
+    health.set_source_ok(true);
     let trainer_cancel = cancel.clone();
+    let ctx = LoopCtx {
+        metrics: train_metrics,
+        health,
+    };
     let join = std::thread::Builder::new()
         .name("odcd-trainer".into())
-        .spawn(move || train_loop(cfg, device, stream, handle, trainer_cancel))
+        .spawn(move || train_loop(cfg, device, stream, handle, trainer_cancel, ctx))
         .map_err(|e| RunError::Thread(e.to_string()))?;
     // Wait for the trainer without blocking a runtime worker.
     tokio::task::spawn_blocking(move || join.join())
@@ -68,13 +89,20 @@ pub async fn run(cfg: Config, cancel: CancellationToken) -> Result<RunSummary, R
         .map_err(|_| RunError::Thread("the trainer thread panicked".into()))?
 }
 
+struct LoopCtx {
+    metrics: TrainMetrics,
+    health: Health,
+}
+
 fn train_loop(
     cfg: Config,
     device: candle_core::Device,
     mut stream: BatchStream,
     rt: tokio::runtime::Handle,
     cancel: CancellationToken,
+    ctx: LoopCtx,
 ) -> Result<RunSummary, RunError> {
+    let LoopCtx { metrics, health } = ctx;
     let t_start = Instant::now();
     let mut trainer = Trainer::new(&cfg.model, &cfg.odc, &cfg.optimizer, &device, cfg.train.seed)?;
     let mut summary = RunSummary::default();
@@ -125,6 +153,9 @@ fn train_loop(
         "initial clustering done"
     );
 
+    metrics.observe_memory(&trainer.memory().stats());
+    health.set_training(true);
+
     // Then train: the warm-up batches first (no record is skipped), then the stream.
     let mut pending = buffered.into_iter();
     let (mut wait_s, mut busy_s, mut window_imgs) = (0.0f64, 0.0f64, 0usize);
@@ -149,7 +180,9 @@ fn train_loop(
                 None => break,
             },
         };
-        wait_s += t_wait.elapsed().as_secs_f64();
+        let waited = t_wait.elapsed().as_secs_f64();
+        wait_s += waited;
+        metrics.input_wait_seconds.inc_by(waited);
         let t_step = Instant::now();
         let out = trainer.step(&batch.images, &batch.keys)?;
         busy_s += t_step.elapsed().as_secs_f64();
@@ -158,15 +191,19 @@ fn train_loop(
         summary.first_loss.get_or_insert(out.loss);
         summary.last_loss = Some(out.loss);
         let stats = trainer.memory().stats();
+        metrics.observe_step(&out, out.reseeded.len(), batch.keys.len());
+        metrics.observe_memory(&stats);
         summary.max_empty_clusters_after_step =
             summary.max_empty_clusters_after_step.max(stats.empty_clusters);
         if (out.step + 1) % cfg.train.log_every == 0 {
             let secs = window_start.elapsed().as_secs_f64().max(1e-9);
+            metrics.images_per_second.set(window_imgs as f64 / secs);
             tracing::info!(
                 step = out.step + 1,
                 loss = format!("{:.4}", out.loss),
                 acc = format!("{:.3}", out.accuracy),
                 change_ratio = format!("{:.4}", out.change_ratio),
+                revisited = out.revisited,
                 lr = format!("{:.4}", out.lr),
                 empty_clusters = stats.empty_clusters,
                 small_clusters = stats.small_clusters,
@@ -181,6 +218,7 @@ fn train_loop(
             window_start = Instant::now();
         }
     }
+    health.set_training(false);
     if let Some(path) = &cfg.train.save_weights {
         let bytes = trainer
             .model()

@@ -197,7 +197,10 @@ pub struct StepOutput {
     pub labels_used: Vec<u32>,
     /// Labels in memory after this step's update and small-cluster handling.
     pub labels_after: Vec<u32>,
+    /// Fraction of re-visited samples whose label changed (0 when none was re-visited).
     pub change_ratio: f64,
+    /// Batch rows whose key was already in memory (the reference path); the rest were new.
+    pub revisited: usize,
     pub lr: f64,
     /// Cluster ids re-seeded this step (their head rows were re-drawn when enabled).
     pub reseeded: Vec<u32>,
@@ -391,6 +394,7 @@ impl Trainer {
             labels_used: prepared.labels,
             labels_after,
             change_ratio: upd.change_ratio,
+            revisited: upd.seen,
             lr,
             reseeded,
             timings: StepTimings {

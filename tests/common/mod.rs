@@ -1,0 +1,161 @@
+//! Helpers for the integration tests that run the real `odcd` binary.
+#![allow(dead_code)]
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+pub fn free_port() -> u16 {
+    let l = TcpListener::bind("127.0.0.1:0").expect("bind a free port");
+    l.local_addr().expect("local addr").port()
+}
+
+pub fn odcd_bin() -> &'static str {
+    env!("CARGO_BIN_EXE_odcd")
+}
+
+pub fn fixtures_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
+}
+
+/// Minimal HTTP/1.1 GET on 127.0.0.1: (status, body).
+pub fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut buf = Vec::new();
+    s.read_to_end(&mut buf).ok()?;
+    let text = String::from_utf8_lossy(&buf).to_string();
+    let status = text.split_whitespace().nth(1)?.parse().ok()?;
+    let body = match text.find("\r\n\r\n") {
+        Some(i) => text[i + 4..].to_string(),
+        None => String::new(),
+    };
+    // chunked bodies: good enough to search in, the chunk sizes stay in the text
+    Some((status, body))
+}
+
+/// Value of an unlabelled (or fully written) series in Prometheus text format.
+pub fn metric_value(text: &str, series: &str) -> Option<f64> {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .find_map(|l| {
+            let (name, v) = l.rsplit_once(' ')?;
+            (name == series).then(|| v.parse().ok()).flatten()
+        })
+}
+
+pub fn wait_until<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) -> T {
+    let t0 = Instant::now();
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(t0.elapsed() < timeout, "timed out after {timeout:?} waiting for {what}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// A daemon config for tests: the committed Fashion-MNIST fixture (200 images), a tiny K,
+/// ResNet-18 at 32 px, metrics on `port`.
+pub fn test_config(source_url: &str, port: u16, extra: &str) -> String {
+    format!(
+        r#"
+[source]
+url = "{source_url}"
+mode = {{ loop = {{}} }}
+[pipeline]
+batch_size = 16
+threads = 1
+[pipeline.decode]
+channels = 1
+[pipeline.transform.train]
+size = 32
+scale = [0.5, 1.0]
+mean = [0.286]
+std = [0.353]
+[model]
+arch = "resnet18"
+in_channels = 1
+neck_hidden = 64
+feat_dim = 32
+[odc]
+num_clusters = 4
+memory_capacity = 200
+warmup_samples = 48
+min_cluster = {{ count = 2 }}
+[optimizer]
+lr = 0.02
+[metrics]
+listen = "127.0.0.1:{port}"
+[log]
+format = "json"
+{extra}
+"#
+    )
+}
+
+/// The daemon as a child process; killed on drop if still running.
+pub struct Daemon {
+    pub child: Child,
+    pub log: PathBuf,
+}
+
+impl Daemon {
+    pub fn start(config: &Path, log: &Path) -> Daemon {
+        let out = std::fs::File::create(log).expect("create log file");
+        let child = Command::new(odcd_bin())
+            .args(["run", "--config"])
+            .arg(config)
+            .stdout(Stdio::null())
+            .stderr(out)
+            .spawn()
+            .expect("spawn odcd");
+        Daemon {
+            child,
+            log: log.to_path_buf(),
+        }
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub fn signal(&self, sig: &str) {
+        let ok = Command::new("kill")
+            .args([sig, &self.child.id().to_string()])
+            .status()
+            .map(|s| s.success())
+            .unwrap_or(false);
+        assert!(ok, "kill {sig} failed");
+    }
+
+    /// Waits for exit; returns the exit code (None if killed by a signal).
+    pub fn wait(&mut self, timeout: Duration) -> Option<i32> {
+        let t0 = Instant::now();
+        loop {
+            if let Ok(Some(st)) = self.child.try_wait() {
+                return st.code();
+            }
+            assert!(
+                t0.elapsed() < timeout,
+                "daemon did not exit within {timeout:?}; log:\n{}",
+                self.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
