@@ -171,7 +171,7 @@ pub(crate) async fn write_memory(
             st.bank.len()
         )));
     }
-    let k_rows = if d == 0 { 0 } else { st.centroids.len() / d };
+    let k_rows = st.centroids.len().checked_div(d).unwrap_or(0);
     if k_rows * d != st.centroids.len() {
         return Err(WriteError::Encode(format!(
             "{} centroid values is not a multiple of dim {d}",

@@ -10,10 +10,10 @@ fn batch(step: u64, first: usize, n: usize, dim: usize) -> EmbeddingBatch {
         step,
         model_version: format!("step-{step:012}"),
         clusters: (first..first + n)
-            .map(|i| (i % 5 != 0).then_some((i % 7) as u32))
+            .map(|i| (!i.is_multiple_of(5)).then_some((i % 7) as u32))
             .collect(),
         class_labels: (first..first + n)
-            .map(|i| (i % 3 != 0).then_some(i as i64 - 10))
+            .map(|i| (!i.is_multiple_of(3)).then_some(i as i64 - 10))
             .collect(),
         dim,
         embeddings: (first * dim..(first + n) * dim)
@@ -122,12 +122,12 @@ async fn rolls_by_rows_and_reads_back() {
                 let step = 100 + (i / 12) as u64;
                 assert_eq!(steps.value(r), step);
                 assert_eq!(versions.value(r), format!("step-{step:012}"));
-                assert_eq!(clusters.is_null(r), i % 5 == 0);
-                if i % 5 != 0 {
+                assert_eq!(clusters.is_null(r), i.is_multiple_of(5));
+                if !i.is_multiple_of(5) {
                     assert_eq!(clusters.value(r), (i % 7) as u32);
                 }
-                assert_eq!(labels.is_null(r), i % 3 == 0);
-                if i % 3 != 0 {
+                assert_eq!(labels.is_null(r), i.is_multiple_of(3));
+                if !i.is_multiple_of(3) {
                     assert_eq!(labels.value(r), i as i64 - 10);
                 }
                 let e = embs.value(r);
