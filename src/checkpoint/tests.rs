@@ -367,3 +367,35 @@ fn keys_file_rejects_garbage() {
     b.extend_from_slice(b"abc");
     assert!(format::read_keys(&b).is_err());
 }
+
+#[tokio::test]
+async fn cli_parses_and_runs_on_a_local_path() {
+    use clap::Parser;
+    #[derive(clap::Parser)]
+    struct Cli {
+        #[command(subcommand)]
+        cmd: cli::CheckpointCmd,
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().to_str().unwrap();
+    let store = file_store(dir.path(), 0);
+    store.save(&checkpoint(9, Some(&memory()))).await.unwrap();
+
+    let list = Cli::try_parse_from(["odcd", "list", path]).unwrap().cmd;
+    assert!(matches!(&list, cli::CheckpointCmd::List { url } if url == path));
+    list.run().await.unwrap();
+    let inspect = Cli::try_parse_from(["odcd", "inspect", path, "--step", "9"])
+        .unwrap()
+        .cmd;
+    assert!(matches!(
+        inspect,
+        cli::CheckpointCmd::Inspect { step: Some(9), .. }
+    ));
+    inspect.run().await.unwrap();
+    let missing = Cli::try_parse_from(["odcd", "inspect", path, "--step", "8"])
+        .unwrap()
+        .cmd;
+    let err = missing.run().await.unwrap_err();
+    assert!(err.to_string().contains("no checkpoint at step 8"), "{err}");
+    assert!(Cli::try_parse_from(["odcd", "inspect", path, "--step", "x"]).is_err());
+}
