@@ -3,6 +3,7 @@
 //! Data flows one way: `source` (object store / Kafka shards) → `decode` (rayon decode +
 //! augment into batches) → `train` (candle model + `odc` memory) → sinks.
 
+pub mod checkpoint;
 pub mod config;
 pub mod decode;
 pub mod device;
@@ -13,5 +14,6 @@ pub mod optim;
 pub mod pipeline;
 pub mod record;
 pub mod shards;
+pub mod sink;
 pub mod source;
 pub mod train;
