@@ -14,7 +14,10 @@ use odcd::model::{Arch, ModelConfig, OdcModel};
 use odcd::optim::{Sgd, SgdConfig};
 
 fn env_usize(k: &str, d: usize) -> usize {
-    std::env::var(k).ok().and_then(|v| v.parse().ok()).unwrap_or(d)
+    std::env::var(k)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(d)
 }
 
 fn main() -> anyhow::Result<()> {

@@ -81,6 +81,77 @@ impl Default for TrainConfig {
     }
 }
 
+fn default_ckpt_keep() -> usize {
+    3
+}
+fn default_ckpt_every_steps() -> u64 {
+    500
+}
+fn default_ckpt_every_secs() -> u64 {
+    600
+}
+fn default_ckpt_timeout_secs() -> u64 {
+    300
+}
+
+/// `[checkpoint]`: crash-safe checkpoints (model, optimizer, ODC memory, source positions).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CheckpointConfig {
+    /// Where checkpoints go: a local path or file:///, s3://, gs://, az:// URL.
+    pub url: String,
+    /// object_store options (aws_endpoint, aws_allow_http, ...); they override the
+    /// AWS_* / GOOGLE_* / AZURE_* environment variables, where secrets belong.
+    #[serde(default)]
+    pub options: std::collections::BTreeMap<String, String>,
+    /// Write a checkpoint every N steps (0 = not by steps).
+    #[serde(default = "default_ckpt_every_steps")]
+    pub every_steps: u64,
+    /// ... and/or every T seconds (0 = not by time). Whichever comes first.
+    #[serde(default = "default_ckpt_every_secs")]
+    pub every_secs: u64,
+    /// Checkpoints kept; older ones are deleted after a successful save (0 = keep all).
+    #[serde(default = "default_ckpt_keep")]
+    pub keep: usize,
+    /// Resume from the latest valid checkpoint at start.
+    #[serde(default = "default_true")]
+    pub resume: bool,
+    /// A save that takes longer is abandoned (counted as a failure; training goes on).
+    #[serde(default = "default_ckpt_timeout_secs")]
+    pub timeout_secs: u64,
+}
+
+fn default_true() -> bool {
+    true
+}
+
+fn default_embed_every() -> u64 {
+    1
+}
+
+/// `[embeddings]`: where the trained samples' embeddings are published.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EmbeddingsConfig {
+    /// Parquet files on an object store: a local path or file:///, s3://, gs://, az:// URL.
+    pub url: String,
+    #[serde(default)]
+    pub options: std::collections::BTreeMap<String, String>,
+    /// Publish the embeddings of every N-th training step (1 = every step).
+    #[serde(default = "default_embed_every")]
+    pub every_steps: u64,
+    /// Rolling, compression and row groups of the Parquet files.
+    #[serde(default)]
+    pub parquet: crate::sink::ParquetSinkConfig,
+    /// Batches queued for the sink before the trainer waits (backpressure bound).
+    #[serde(default = "default_sink_queue")]
+    pub queue: usize,
+}
+
+fn default_sink_queue() -> usize {
+    16
+}
+
 /// `[log]`
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -104,6 +175,10 @@ pub struct Config {
     #[serde(default)]
     pub train: TrainConfig,
     #[serde(default)]
+    pub checkpoint: Option<CheckpointConfig>,
+    #[serde(default)]
+    pub embeddings: Option<EmbeddingsConfig>,
+    #[serde(default)]
     pub metrics: MetricsConfig,
     #[serde(default)]
     pub log: LogConfig,
@@ -116,6 +191,12 @@ impl Config {
             message: e.to_string(),
         })?;
         cfg.source.url = local_path_to_url(&cfg.source.url, "source.url")?;
+        if let Some(c) = cfg.checkpoint.as_mut() {
+            c.url = local_path_to_url(&c.url, "checkpoint.url")?;
+        }
+        if let Some(e) = cfg.embeddings.as_mut() {
+            e.url = local_path_to_url(&e.url, "embeddings.url")?;
+        }
         cfg.validate()?;
         Ok(cfg)
     }
@@ -172,14 +253,46 @@ impl Config {
         if self.metrics.enabled && self.metrics.listen.parse::<std::net::SocketAddr>().is_err() {
             return Err(invalid(
                 "metrics.listen",
-                format!("`{}` is not an address: use HOST:PORT such as 127.0.0.1:9898", self.metrics.listen),
+                format!(
+                    "`{}` is not an address: use HOST:PORT such as 127.0.0.1:9898",
+                    self.metrics.listen
+                ),
             ));
+        }
+        if let Some(c) = &self.checkpoint {
+            url::Url::parse(&c.url)
+                .map_err(|e| invalid("checkpoint.url", format!("`{}`: {e}", c.url)))?;
+            if c.every_steps == 0 && c.every_secs == 0 {
+                return Err(invalid(
+                    "checkpoint.every_steps",
+                    "every_steps and every_secs are both 0: set at least one (checkpoints are also written at shutdown)",
+                ));
+            }
+            if c.timeout_secs == 0 {
+                return Err(invalid("checkpoint.timeout_secs", "must be > 0"));
+            }
+        }
+        if let Some(e) = &self.embeddings {
+            url::Url::parse(&e.url)
+                .map_err(|err| invalid("embeddings.url", format!("`{}`: {err}", e.url)))?;
+            if e.every_steps == 0 || e.queue == 0 {
+                return Err(invalid(
+                    "embeddings.every_steps",
+                    "every_steps and queue must be > 0",
+                ));
+            }
+            e.parquet
+                .validate()
+                .map_err(|err| invalid("embeddings.parquet", err.to_string()))?;
         }
         if self.train.log_every == 0 {
             return Err(invalid("train.log_every", "must be > 0"));
         }
         if let Some(0) = self.train.max_steps {
-            return Err(invalid("train.max_steps", "must be > 0 (omit it to train for ever)"));
+            return Err(invalid(
+                "train.max_steps",
+                "must be > 0 (omit it to train for ever)",
+            ));
         }
         Ok(())
     }
@@ -196,7 +309,12 @@ pub fn local_path_to_url(s: &str, field: &str) -> Result<String, ConfigError> {
         p.to_path_buf()
     } else {
         std::env::current_dir()
-            .map_err(|e| invalid(field, format!("cannot resolve the relative path `{s}`: {e}")))?
+            .map_err(|e| {
+                invalid(
+                    field,
+                    format!("cannot resolve the relative path `{s}`: {e}"),
+                )
+            })?
             .join(p)
     };
     let mut url = url::Url::from_file_path(&abs)
@@ -223,21 +341,63 @@ mod tests {
     }
 
     #[test]
+    fn every_shipped_config_is_valid() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("configs");
+        let mut n = 0;
+        for e in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+            let p = e.path();
+            if p.extension().and_then(|x| x.to_str()) != Some("toml") {
+                continue;
+            }
+            n += 1;
+            match Config::load(&p) {
+                Ok(_) => {}
+                // A CPU build refuses a CUDA device, with a message naming the field.
+                Err(ConfigError::Invalid { field, .. })
+                    if field == "train.device" && !candle_core::utils::cuda_is_available() => {}
+                Err(e) => panic!("{}: {e}", p.display()),
+            }
+        }
+        assert!(n >= 3, "expected the shipped configs in {}", dir.display());
+    }
+
+    #[test]
     fn unknown_fields_and_bad_values_name_the_field() {
         let bad = QUICKSTART.replace("[train]", "[train]\nbogus = 1");
-        let e = Config::from_toml(&bad, "x.toml").err().map(|e| e.to_string());
+        let e = Config::from_toml(&bad, "x.toml")
+            .err()
+            .map(|e| e.to_string());
         assert!(e.as_deref().is_some_and(|m| m.contains("bogus")), "{e:?}");
         let bad = QUICKSTART.replace("in_channels = 1", "in_channels = 3");
-        let e = Config::from_toml(&bad, "x.toml").err().map(|e| e.to_string());
-        assert!(e.as_deref().is_some_and(|m| m.contains("model.in_channels")), "{e:?}");
+        let e = Config::from_toml(&bad, "x.toml")
+            .err()
+            .map(|e| e.to_string());
+        assert!(
+            e.as_deref()
+                .is_some_and(|m| m.contains("model.in_channels")),
+            "{e:?}"
+        );
         let bad = QUICKSTART.replace("device = \"cpu\"", "device = \"tpu\"");
-        let e = Config::from_toml(&bad, "x.toml").err().map(|e| e.to_string());
-        assert!(e.as_deref().is_some_and(|m| m.contains("train.device")), "{e:?}");
+        let e = Config::from_toml(&bad, "x.toml")
+            .err()
+            .map(|e| e.to_string());
+        assert!(
+            e.as_deref().is_some_and(|m| m.contains("train.device")),
+            "{e:?}"
+        );
         let bad = QUICKSTART.replace("batch_size = 64", "batch_size = 0");
-        let e = Config::from_toml(&bad, "x.toml").err().map(|e| e.to_string());
-        assert!(e.as_deref().is_some_and(|m| m.contains("pipeline.batch_size")), "{e:?}");
+        let e = Config::from_toml(&bad, "x.toml")
+            .err()
+            .map(|e| e.to_string());
+        assert!(
+            e.as_deref()
+                .is_some_and(|m| m.contains("pipeline.batch_size")),
+            "{e:?}"
+        );
         let bad = QUICKSTART.replace("num_clusters = 100", "num_clusters = 100000");
-        let e = Config::from_toml(&bad, "x.toml").err().map(|e| e.to_string());
+        let e = Config::from_toml(&bad, "x.toml")
+            .err()
+            .map(|e| e.to_string());
         assert!(e.as_deref().is_some_and(|m| m.contains("odc")), "{e:?}");
     }
 }

@@ -7,6 +7,7 @@ pub mod checkpoint;
 pub mod config;
 pub mod decode;
 pub mod device;
+pub mod embed;
 pub mod metrics;
 pub mod model;
 pub mod odc;

@@ -9,7 +9,11 @@ use tokio_util::sync::CancellationToken;
 use odcd::config::{Config, LogFormat};
 
 #[derive(Parser)]
-#[command(name = "odcd", version, about = "Online Deep Clustering daemon: learns image representations from a stream of shards")]
+#[command(
+    name = "odcd",
+    version,
+    about = "Online Deep Clustering daemon: learns image representations from a stream of shards"
+)]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -23,10 +27,29 @@ enum Cmd {
         #[arg(long)]
         config: PathBuf,
     },
+    /// Embed a source with a frozen checkpoint into the [embeddings] sink (eval transform).
+    Embed {
+        /// Checkpoint store (URL or local path), as in [checkpoint] url.
+        #[arg(long)]
+        checkpoint: String,
+        /// Which checkpoint (default: the latest).
+        #[arg(long)]
+        step: Option<u64>,
+        #[arg(long)]
+        config: PathBuf,
+        /// Read the source once, whatever its configured mode.
+        #[arg(long)]
+        once: bool,
+    },
     /// Configuration helpers.
     Config {
         #[command(subcommand)]
         cmd: ConfigCmd,
+    },
+    /// List and inspect checkpoints (a URL or a local path).
+    Checkpoint {
+        #[command(subcommand)]
+        cmd: odcd::checkpoint::cli::CheckpointCmd,
     },
     /// Make and inspect WebDataset shards.
     Shards {
@@ -44,7 +67,9 @@ enum ConfigCmd {
 fn init_logging(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     let res = match format {
         LogFormat::Human => builder.try_init(),
         LogFormat::Json => builder.json().try_init(),
@@ -99,11 +124,41 @@ fn main() -> Result<()> {
                 let summary = odcd::pipeline::run(cfg, cancel).await?;
                 tracing::info!(
                     steps = summary.steps,
+                    resumed_from = ?summary.resumed_from,
+                    checkpoints = summary.checkpoints,
+                    checkpoint_failures = summary.checkpoint_failures,
                     records = summary.records,
+                    rejected = summary.rejected,
+                    max_empty_clusters_after_a_step = summary.max_empty_clusters_after_step,
                     seconds = format!("{:.1}", summary.seconds),
                     first_loss = ?summary.first_loss,
                     last_loss = ?summary.last_loss,
                     "run finished"
+                );
+                Ok(())
+            })
+        }
+        Cmd::Embed {
+            checkpoint,
+            step,
+            config,
+            once,
+        } => {
+            let mut cfg = Config::load(&config)?;
+            if once {
+                cfg.source.mode = odcd::source::SourceMode::Once;
+            }
+            init_logging(cfg.log.format);
+            rt.block_on(async move {
+                let cancel = CancellationToken::new();
+                spawn_signal_handler(cancel.clone());
+                let s = odcd::embed::embed(cfg, &checkpoint, step, cancel).await?;
+                tracing::info!(
+                    step = s.step,
+                    rows = s.rows,
+                    files = s.files,
+                    seconds = format!("{:.1}", s.seconds),
+                    "embedding finished"
                 );
                 Ok(())
             })
@@ -113,8 +168,15 @@ fn main() -> Result<()> {
         } => {
             let cfg = Config::load(&file)?;
             let text = toml::to_string_pretty(&cfg).context("cannot print the configuration")?;
-            println!("# {} is valid; effective configuration:\n{text}", file.display());
+            println!(
+                "# {} is valid; effective configuration:\n{text}",
+                file.display()
+            );
             Ok(())
+        }
+        Cmd::Checkpoint { cmd } => {
+            init_logging(LogFormat::Human);
+            rt.block_on(cmd.run())
         }
         Cmd::Shards { cmd } => {
             init_logging(LogFormat::Human);

@@ -107,8 +107,14 @@ impl TrainMetrics {
                         .buckets(prometheus::exponential_buckets(0.01, 2.0, 14)?),
                 )?,
             )?,
-            forward_seconds: g("odcd_train_forward_seconds", "Forward time of the last step")?,
-            backward_seconds: g("odcd_train_backward_seconds", "Backward time of the last step")?,
+            forward_seconds: g(
+                "odcd_train_forward_seconds",
+                "Forward time of the last step",
+            )?,
+            backward_seconds: g(
+                "odcd_train_backward_seconds",
+                "Backward time of the last step",
+            )?,
             memory_seconds: g(
                 "odcd_train_memory_seconds",
                 "ODC memory work (labels, update, centroids, small clusters) of the last step",
@@ -120,9 +126,15 @@ impl TrainMetrics {
                     "Time the trainer waited for input batches",
                 )?,
             )?,
-            images_per_second: g("odcd_train_images_per_second", "Training throughput over the last log window")?,
+            images_per_second: g(
+                "odcd_train_images_per_second",
+                "Training throughput over the last log window",
+            )?,
             loss: g("odcd_train_loss", "Weighted cross-entropy of the last step")?,
-            accuracy: g("odcd_train_accuracy_ratio", "Head top-1 accuracy against memory labels, last step")?,
+            accuracy: g(
+                "odcd_train_accuracy_ratio",
+                "Head top-1 accuracy against memory labels, last step",
+            )?,
             lr: g("odcd_train_learning_rate", "Learning rate of the last step")?,
             change_ratio: g(
                 "odcd_odc_change_ratio",
@@ -132,17 +144,32 @@ impl TrainMetrics {
             small_clusters: ig("odcd_odc_small_clusters", "Clusters below min_cluster")?,
             min_cluster_size: ig("odcd_odc_min_cluster_size", "Smallest cluster size")?,
             max_cluster_size: ig("odcd_odc_max_cluster_size", "Largest cluster size")?,
-            cluster_size_entropy: g("odcd_odc_cluster_size_entropy_nats", "Entropy of the cluster-size distribution")?,
-            cluster_splits: ic("odcd_odc_cluster_splits_total", "Clusters re-seeded by splitting the largest")?,
+            cluster_size_entropy: g(
+                "odcd_odc_cluster_size_entropy_nats",
+                "Entropy of the cluster-size distribution",
+            )?,
+            cluster_splits: ic(
+                "odcd_odc_cluster_splits_total",
+                "Clusters re-seeded by splitting the largest",
+            )?,
             memory_fill: ig("odcd_odc_memory_entries", "Entries in the samples memory")?,
-            memory_capacity: ig("odcd_odc_memory_capacity_entries", "Capacity of the samples memory")?,
-            memory_evictions: ig("odcd_odc_memory_evictions_total", "Entries evicted from the samples memory")?,
+            memory_capacity: ig(
+                "odcd_odc_memory_capacity_entries",
+                "Capacity of the samples memory",
+            )?,
+            memory_evictions: ig(
+                "odcd_odc_memory_evictions_total",
+                "Entries evicted from the samples memory",
+            )?,
             step: ig("odcd_train_step", "Current global step")?,
             last_checkpoint_timestamp: g(
                 "odcd_checkpoint_last_success_timestamp_seconds",
                 "Unix time of the last durable checkpoint",
             )?,
-            checkpoint_failures: ic("odcd_checkpoint_failures_total", "Checkpoint writes that failed")?,
+            checkpoint_failures: ic(
+                "odcd_checkpoint_failures_total",
+                "Checkpoint writes that failed",
+            )?,
             checkpoints: ic("odcd_checkpoints_total", "Checkpoints written")?,
         })
     }
@@ -203,7 +230,9 @@ impl Health {
         self.inner.training.store(v, Ordering::Relaxed);
     }
     pub fn set_checkpoint(&self, err: Option<String>) {
-        self.inner.checkpoint_ok.store(err.is_none(), Ordering::Relaxed);
+        self.inner
+            .checkpoint_ok
+            .store(err.is_none(), Ordering::Relaxed);
         if let Ok(mut g) = self.inner.checkpoint_error.lock() {
             *g = err;
         }
@@ -265,7 +294,10 @@ async fn healthz() -> &'static str {
 async fn readyz(State(s): State<AppState>) -> (StatusCode, String) {
     match s.health.not_ready() {
         None => (StatusCode::OK, "ready\n".into()),
-        Some(why) => (StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {why}\n")),
+        Some(why) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("not ready: {why}\n"),
+        ),
     }
 }
 

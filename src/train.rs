@@ -11,7 +11,9 @@ use candle_core::{Device, Tensor, D};
 use serde::{Deserialize, Serialize};
 
 use crate::model::{ModelConfig, ModelError, OdcModel};
-use crate::odc::{self, EvictionPolicy, KMeansConfig, MinCluster, OdcError, StreamConfig, StreamingMemory};
+use crate::odc::{
+    self, EvictionPolicy, KMeansConfig, MinCluster, OdcError, StreamConfig, StreamingMemory,
+};
 use crate::optim::{OptimError, Sgd, SgdConfig};
 
 #[derive(Debug, thiserror::Error)]
@@ -26,7 +28,9 @@ pub enum TrainError {
     Candle(#[from] candle_core::Error),
     #[error("batch has {images} images but {keys} keys")]
     BatchMismatch { images: usize, keys: usize },
-    #[error("loss is not finite ({0}) at step {1}: lower optimizer.lr or check the input normalisation")]
+    #[error(
+        "loss is not finite ({0}) at step {1}: lower optimizer.lr or check the input normalisation"
+    )]
     NonFinite(f32, u64),
     #[error("{0}")]
     Config(String),
@@ -73,7 +77,9 @@ pub enum MinClusterSpec {
 pub enum EvictionSpec {
     #[default]
     Fifo,
-    Reservoir { seed: u64 },
+    Reservoir {
+        seed: u64,
+    },
 }
 
 /// `[odc]`: the ODC memory and its schedule.
@@ -127,7 +133,10 @@ impl OdcConfig {
     pub fn validate(&self) -> Result<(), TrainError> {
         let bad = |m: String| Err(TrainError::Config(m));
         if self.num_clusters < 2 {
-            return bad(format!("odc.num_clusters = {}: must be at least 2", self.num_clusters));
+            return bad(format!(
+                "odc.num_clusters = {}: must be at least 2",
+                self.num_clusters
+            ));
         }
         if self.num_clusters > self.memory_capacity {
             return bad(format!(
@@ -136,7 +145,10 @@ impl OdcConfig {
             ));
         }
         if !(self.momentum > 0.0 && self.momentum <= 1.0) {
-            return bad(format!("odc.momentum = {}: must be in (0, 1]", self.momentum));
+            return bad(format!(
+                "odc.momentum = {}: must be in (0, 1]",
+                self.momentum
+            ));
         }
         if self.warmup_samples > self.memory_capacity {
             return bad(format!(
@@ -310,7 +322,8 @@ impl Trainer {
                 ..KMeansConfig::default()
             },
         )?;
-        self.memory.init_from_clustering(&keys, &features, &km.labels)?;
+        self.memory
+            .init_from_clustering(&keys, &features, &km.labels)?;
         let empty_after_kmeans = self.memory.stats().empty_clusters;
         self.memory.handle_small_clusters()?;
         let stats = self.memory.stats();

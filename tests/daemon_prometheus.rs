@@ -46,8 +46,10 @@ fn prometheus_scrapes_the_daemon() {
     let _prom = Prometheus(prom);
 
     // The daemon is ready once it trains: /readyz turns 200.
-    wait_until("daemon /readyz", Duration::from_secs(180), || {
-        match http_get(port, "/readyz") {
+    wait_until(
+        "daemon /readyz",
+        Duration::from_secs(180),
+        || match http_get(port, "/readyz") {
             Some((200, _)) => Some(()),
             _ => {
                 if let Ok(Some(st)) = daemon.child.try_wait() {
@@ -55,8 +57,8 @@ fn prometheus_scrapes_the_daemon() {
                 }
                 None
             }
-        }
-    });
+        },
+    );
     assert_eq!(http_get(port, "/healthz").map(|r| r.0), Some(200));
 
     // Prometheus must have scraped steps > 0 and the reject counters, via its query API.
@@ -76,12 +78,17 @@ fn prometheus_scrapes_the_daemon() {
             (v >= min).then_some(())
         });
     }
-    let (_, series) = http_get(
-        prom_port,
-        "/api/v1/query?query=odcd_records_rejected_total",
-    )
-    .expect("query rejected series");
-    assert!(series.contains("undecodable"), "reject series missing: {series}");
+    let (_, series) = http_get(prom_port, "/api/v1/query?query=odcd_records_rejected_total")
+        .expect("query rejected series");
+    assert!(
+        series.contains("undecodable"),
+        "reject series missing: {series}"
+    );
     daemon.signal("-TERM");
-    assert_eq!(daemon.wait(Duration::from_secs(60)), Some(0), "log:\n{}", daemon.log_text());
+    assert_eq!(
+        daemon.wait(Duration::from_secs(60)),
+        Some(0),
+        "log:\n{}",
+        daemon.log_text()
+    );
 }

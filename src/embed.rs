@@ -1,0 +1,158 @@
+//! `odcd embed`: inference with a frozen checkpoint over a source, to the embeddings sink,
+//! tagged with the checkpoint's step. Uses the eval transform (resize + centre crop) derived
+//! from the config's train transform, eval-mode BatchNorm and no dropout.
+
+use std::time::Instant;
+
+use tokio_util::sync::CancellationToken;
+
+use crate::checkpoint::CheckpointStore;
+use crate::config::Config;
+use crate::decode::{BatchStream, EvalConfig, TransformConfig};
+use crate::model::OdcModel;
+use crate::odc::StreamingMemory;
+use crate::pipeline::RunError;
+use crate::sink::{EmbeddingBatch, ParquetSink};
+use crate::source::{DataMetrics, SourceState};
+
+#[derive(Debug, Clone, Default)]
+pub struct EmbedSummary {
+    pub step: u64,
+    pub rows: u64,
+    pub files: u64,
+    pub seconds: f64,
+}
+
+/// The eval transform matching a config's train transform.
+pub fn eval_transform(t: &TransformConfig) -> TransformConfig {
+    match t {
+        TransformConfig::Train(a) => TransformConfig::Eval(EvalConfig {
+            resize: a.size,
+            size: a.size,
+            mean: a.mean.clone(),
+            std: a.std.clone(),
+        }),
+        TransformConfig::Eval(e) => TransformConfig::Eval(e.clone()),
+    }
+}
+
+pub async fn embed(
+    cfg: Config,
+    checkpoint_url: &str,
+    step: Option<u64>,
+    cancel: CancellationToken,
+) -> Result<EmbedSummary, RunError> {
+    let t0 = Instant::now();
+    let Some(ecfg) = cfg.embeddings.clone() else {
+        return Err(RunError::Resume {
+            step: step.unwrap_or(0),
+            message:
+                "odcd embed writes to the [embeddings] sink: add an [embeddings] section with a url"
+                    .into(),
+        });
+    };
+    let options = cfg
+        .checkpoint
+        .as_ref()
+        .map(|c| c.options.clone())
+        .unwrap_or_default();
+    let store = CheckpointStore::open(checkpoint_url, &options, 0)?;
+    let manifest = store.find(step).await?.ok_or_else(|| RunError::Resume {
+        step: step.unwrap_or(0),
+        message: format!("no checkpoint found under {checkpoint_url}"),
+    })?;
+    let ckpt = store.load(&manifest).await?;
+    let device = crate::device::select_device(&cfg.train.device)?;
+    let model = OdcModel::new(&cfg.model, cfg.odc.num_clusters, &device, 0)
+        .map_err(crate::train::TrainError::from)?;
+    model
+        .load_safetensors(&ckpt.model_safetensors)
+        .map_err(|e| RunError::Resume {
+            step: ckpt.step,
+            message: format!("model: {e}"),
+        })?;
+    let memory = match &ckpt.memory {
+        Some(s) => Some(StreamingMemory::import(s).map_err(|e| RunError::Resume {
+            step: ckpt.step,
+            message: format!("ODC memory: {e}"),
+        })?),
+        None => None,
+    };
+    tracing::info!(step = ckpt.step, id = %manifest.id, "embedding with checkpoint");
+
+    let mut pipeline = cfg.pipeline.clone();
+    pipeline.transform = eval_transform(&pipeline.transform);
+    let registry = prometheus::Registry::new();
+    let metrics = DataMetrics::register(&registry)?;
+    let mut stream = BatchStream::from_config(
+        cfg.source.clone(),
+        pipeline,
+        metrics,
+        SourceState::default(),
+        cancel.child_token(),
+    )?;
+    let mut sink = ParquetSink::open(&ecfg.url, &ecfg.options, ecfg.parquet.clone())?;
+    let sink_metrics = sink.metrics();
+    let version = format!("step-{:012}", ckpt.step);
+    let d = cfg.model.feat_dim;
+    let mut rows = 0u64;
+    loop {
+        let batch = tokio::select! {
+            b = stream.next() => b,
+            _ = cancel.cancelled() => None,
+        };
+        let Some(batch) = batch else { break };
+        // Tensor math off the async workers.
+        let model_ref = &model;
+        let memory_ref = memory.as_ref();
+        let (emb, clusters) = tokio::task::block_in_place(|| -> Result<_, RunError> {
+            let f = model_ref
+                .features_eval(
+                    &batch
+                        .images
+                        .to_device(&device)
+                        .map_err(crate::train::TrainError::from)?,
+                )
+                .map_err(crate::train::TrainError::from)?;
+            let mut v = f
+                .flatten_all()
+                .and_then(|t| t.to_vec1::<f32>())
+                .map_err(crate::train::TrainError::from)?;
+            for row in v.chunks_mut(d) {
+                let n = row.iter().map(|x| x * x).sum::<f32>().sqrt() + 1e-10;
+                row.iter_mut().for_each(|x| *x /= n);
+            }
+            let clusters: Vec<Option<u32>> = match memory_ref {
+                Some(m) => m
+                    .memory()
+                    .nearest_centroid(&v)
+                    .map_err(crate::train::TrainError::from)?
+                    .into_iter()
+                    .map(Some)
+                    .collect(),
+                None => vec![None; batch.keys.len()],
+            };
+            Ok((v, clusters))
+        })?;
+        rows += batch.keys.len() as u64;
+        sink.write(EmbeddingBatch {
+            keys: batch.keys,
+            step: ckpt.step,
+            model_version: version.clone(),
+            clusters,
+            class_labels: batch.class_labels,
+            dim: d,
+            embeddings: emb,
+        })
+        .await?;
+    }
+    sink.close().await?;
+    Ok(EmbedSummary {
+        step: ckpt.step,
+        rows,
+        files: sink_metrics
+            .files_published
+            .load(std::sync::atomic::Ordering::Relaxed),
+        seconds: t0.elapsed().as_secs_f64(),
+    })
+}
