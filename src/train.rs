@@ -467,7 +467,10 @@ mod tests {
         Ok((Tensor::from_vec(data, (n, 1, 32, 32), &Device::Cpu)?, keys))
     }
 
-    fn run(seed: u64) -> Result<Vec<(f32, Vec<f32>, Vec<u32>)>, TrainError> {
+    /// (loss, features, labels after) per step.
+    type Trace = Vec<(f32, Vec<f32>, Vec<u32>)>;
+
+    fn run(seed: u64) -> Result<Trace, TrainError> {
         let mut t = setup(seed)?;
         let (mut keys, mut feats) = (Vec::new(), Vec::new());
         for i in 0..2 {
