@@ -77,6 +77,7 @@ pub struct TrainMetrics {
     pub memory_capacity: IntGauge,
     pub memory_evictions: IntGauge,
     pub step: IntGauge,
+    pub batch_queue_depth: IntGauge,
     pub last_checkpoint_timestamp: Gauge,
     pub checkpoint_failures: IntCounter,
     pub checkpoints: IntCounter,
@@ -162,6 +163,10 @@ impl TrainMetrics {
                 "Entries evicted from the samples memory",
             )?,
             step: ig("odcd_train_step", "Current global step")?,
+            batch_queue_depth: ig(
+                "odcd_batch_queue_depth",
+                "Decoded batches waiting for the trainer (bounded by pipeline.batch_queue)",
+            )?,
             last_checkpoint_timestamp: g(
                 "odcd_checkpoint_last_success_timestamp_seconds",
                 "Unix time of the last durable checkpoint",

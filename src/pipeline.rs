@@ -454,6 +454,7 @@ fn train_loop(
                 None => break,
             },
         };
+        metrics.batch_queue_depth.set(stream.queued() as i64);
         let waited = t_wait.elapsed().as_secs_f64();
         wait_s += waited;
         metrics.input_wait_seconds.inc_by(waited);

@@ -224,6 +224,11 @@ impl BatchStream {
         Some(batch)
     }
 
+    /// Decoded batches waiting in the bounded queue (for the queue-depth metric).
+    pub fn queued(&self) -> usize {
+        self.rx.len()
+    }
+
     /// Resume point covering every batch returned so far (and the rejects before them):
     /// store it in checkpoints and pass it back to the source on restart.
     pub fn state(&self) -> &SourceState {
