@@ -1,7 +1,12 @@
 #!/usr/bin/env bash
-# The project's test command: installs what the tests need, then runs every test.
-# The integration tests start their own real services (moto_server) on 127.0.0.1.
+# The project's test command: installs what the tests need, then runs every test (unit tests
+# and the integration tests in tests/, which start their own real services on 127.0.0.1:
+# moto_server for S3, Prometheus, and the odcd binary itself).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
-cargo test "$@"
+log=$(mktemp)
+trap 'rm -f "$log"' EXIT
+cargo test --lib --bins --tests "$@" 2>&1 | tee "$log"
+# One closing line over all test binaries.
+awk '/^test result:/ { p += $4; f += $6 } END { printf "tests: %d passed, %d failed\n", p, f }' "$log"
