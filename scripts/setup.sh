@@ -36,5 +36,8 @@ fi
 
 # S3-compatible server for the object-store tests (not needed by the quickstart).
 if [ "${1:-}" != "--no-test-services" ] && ! command -v moto_server >/dev/null; then
-  python3 -m pip install --quiet --disable-pip-version-check 'moto[server]'
+  python3 -m pip install --quiet --disable-pip-version-check 'moto[server]' \
+    || python3 -m pip install --quiet --disable-pip-version-check --break-system-packages 'moto[server]'
+  # pyenv only sees a new console script after a rehash
+  if command -v pyenv >/dev/null; then pyenv rehash || true; fi
 fi
