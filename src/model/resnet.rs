@@ -29,6 +29,37 @@ impl Arch {
 /// Backbone BatchNorm momentum (PyTorch default).
 const BN_MOMENTUM: f64 = 0.1;
 
+/// The 1×1 conv + BatchNorm shortcut of a block whose shape changes; `None` otherwise.
+fn downsample(
+    ps: &mut ParamStore,
+    name: &str,
+    c_in: usize,
+    c_out: usize,
+    stride: usize,
+) -> Result<Option<(Conv2d, BatchNorm)>, ModelError> {
+    if stride == 1 && c_in == c_out {
+        return Ok(None);
+    }
+    Ok(Some((
+        Conv2d::new(
+            ps,
+            &format!("{name}.downsample.0"),
+            c_in,
+            c_out,
+            1,
+            stride,
+            0,
+        )?,
+        BatchNorm::new(
+            ps,
+            &format!("{name}.downsample.1"),
+            c_out,
+            true,
+            BN_MOMENTUM,
+        )?,
+    )))
+}
+
 struct BasicBlock {
     conv1: Conv2d,
     bn1: BatchNorm,
@@ -45,28 +76,7 @@ impl BasicBlock {
         c_out: usize,
         stride: usize,
     ) -> Result<Self, ModelError> {
-        let downsample = if stride != 1 || c_in != c_out {
-            Some((
-                Conv2d::new(
-                    ps,
-                    &format!("{name}.downsample.0"),
-                    c_in,
-                    c_out,
-                    1,
-                    stride,
-                    0,
-                )?,
-                BatchNorm::new(
-                    ps,
-                    &format!("{name}.downsample.1"),
-                    c_out,
-                    true,
-                    BN_MOMENTUM,
-                )?,
-            ))
-        } else {
-            None
-        };
+        let downsample = downsample(ps, name, c_in, c_out, stride)?;
         Ok(BasicBlock {
             conv1: Conv2d::new(ps, &format!("{name}.conv1"), c_in, c_out, 3, stride, 1)?,
             bn1: BatchNorm::new(ps, &format!("{name}.bn1"), c_out, true, BN_MOMENTUM)?,
@@ -107,28 +117,7 @@ impl Bottleneck {
         stride: usize,
     ) -> Result<Self, ModelError> {
         let c_out = width * 4;
-        let downsample = if stride != 1 || c_in != c_out {
-            Some((
-                Conv2d::new(
-                    ps,
-                    &format!("{name}.downsample.0"),
-                    c_in,
-                    c_out,
-                    1,
-                    stride,
-                    0,
-                )?,
-                BatchNorm::new(
-                    ps,
-                    &format!("{name}.downsample.1"),
-                    c_out,
-                    true,
-                    BN_MOMENTUM,
-                )?,
-            ))
-        } else {
-            None
-        };
+        let downsample = downsample(ps, name, c_in, c_out, stride)?;
         Ok(Bottleneck {
             conv1: Conv2d::new(ps, &format!("{name}.conv1"), c_in, width, 1, 1, 0)?,
             bn1: BatchNorm::new(ps, &format!("{name}.bn1"), width, true, BN_MOMENTUM)?,
