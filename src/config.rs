@@ -119,6 +119,15 @@ pub struct CheckpointConfig {
     /// A save that takes longer is abandoned (counted as a failure; training goes on).
     #[serde(default = "default_ckpt_timeout_secs")]
     pub timeout_secs: u64,
+    /// At start, how long to keep retrying while the store cannot be read (network down,
+    /// server restarting) before giving up with an error; 0 = retry for ever. `/readyz` says
+    /// why meanwhile. Training never starts fresh over checkpoints it could not read.
+    #[serde(default = "default_ckpt_startup_timeout_secs")]
+    pub startup_timeout_secs: u64,
+}
+
+fn default_ckpt_startup_timeout_secs() -> u64 {
+    600
 }
 
 fn default_true() -> bool {

@@ -220,6 +220,8 @@ struct HealthInner {
     training: AtomicBool,
     checkpoint_ok: AtomicBool,
     checkpoint_error: Mutex<Option<String>>,
+    /// Why start-up is held back (e.g. the checkpoint store is unreachable), if it is.
+    startup_blocked: Mutex<Option<String>>,
 }
 
 impl Health {
@@ -242,9 +244,24 @@ impl Health {
             *g = err;
         }
     }
+    /// Start-up is waiting on something outside (`Some(why)`), or no longer (`None`).
+    pub fn set_startup_blocked(&self, why: Option<String>) {
+        if let Ok(mut g) = self.inner.startup_blocked.lock() {
+            *g = why;
+        }
+    }
     /// `None` when ready, else what is not.
     pub fn not_ready(&self) -> Option<String> {
         let mut why = Vec::new();
+        if let Some(b) = self
+            .inner
+            .startup_blocked
+            .lock()
+            .ok()
+            .and_then(|g| g.clone())
+        {
+            why.push(format!("starting: {b}"));
+        }
         if !self.inner.source_ok.load(Ordering::Relaxed) {
             why.push("source not connected".to_string());
         }

@@ -99,10 +99,22 @@ pub async fn run(cfg: Config, cancel: CancellationToken) -> Result<RunSummary, R
     let mut resumed_from = None;
     if let (Some(store), Some(c)) = (&store, &cfg.checkpoint) {
         if c.resume {
-            if let Some((m, ckpt)) = store.load_latest_valid().await? {
-                resume = restore(&mut trainer, &ckpt)?;
-                resumed_from = Some(ckpt.step);
-                tracing::info!(step = ckpt.step, id = %m.id, "resumed from checkpoint");
+            let retry = StartupRetry {
+                timeout: Duration::from_secs(c.startup_timeout_secs),
+                first_backoff: Duration::from_millis(500),
+                max_backoff: Duration::from_secs(30),
+            };
+            let latest = retry
+                .run(&health, &cancel, || store.load_latest_valid())
+                .await?;
+            match latest {
+                None => return Ok(RunSummary::default()), // cancelled while waiting
+                Some(Some((m, ckpt))) => {
+                    resume = restore(&mut trainer, &ckpt)?;
+                    resumed_from = Some(ckpt.step);
+                    tracing::info!(step = ckpt.step, id = %m.id, "resumed from checkpoint");
+                }
+                Some(None) => {}
             }
         }
     }
@@ -166,6 +178,63 @@ pub async fn run(cfg: Config, cancel: CancellationToken) -> Result<RunSummary, R
         }
     }
     res
+}
+
+/// Retries a start-up read of the checkpoint store while the store is unreachable: starting
+/// fresh instead would silently throw away the training the store holds. `/readyz` says why the
+/// daemon is waiting; a damaged checkpoint or a bad configuration is not retried.
+struct StartupRetry {
+    /// Give up after this long (zero: never).
+    timeout: Duration,
+    first_backoff: Duration,
+    max_backoff: Duration,
+}
+
+impl StartupRetry {
+    /// `Ok(None)` when `cancel` fired while waiting.
+    async fn run<T, F, Fut>(
+        &self,
+        health: &Health,
+        cancel: &CancellationToken,
+        mut attempt: F,
+    ) -> Result<Option<T>, crate::checkpoint::CheckpointError>
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = Result<T, crate::checkpoint::CheckpointError>>,
+    {
+        let started = Instant::now();
+        let mut backoff = self.first_backoff.min(self.max_backoff);
+        loop {
+            let res = tokio::select! {
+                _ = cancel.cancelled() => return Ok(None),
+                r = attempt() => r,
+            };
+            match res {
+                Ok(v) => {
+                    health.set_startup_blocked(None);
+                    return Ok(Some(v));
+                }
+                Err(e)
+                    if e.is_transport()
+                        && (self.timeout.is_zero() || started.elapsed() < self.timeout) =>
+                {
+                    tracing::error!(
+                        retry_in_secs = backoff.as_secs_f64(),
+                        "cannot read the checkpoint store to resume: {e}; retrying (checkpoint.startup_timeout_secs bounds the wait)"
+                    );
+                    health.set_startup_blocked(Some(format!(
+                        "checkpoint store unreachable, retrying: {e}"
+                    )));
+                    tokio::select! {
+                        _ = cancel.cancelled() => return Ok(None),
+                        _ = tokio::time::sleep(backoff) => {}
+                    }
+                    backoff = (backoff * 2).min(self.max_backoff);
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
 }
 
 /// Restores trainer state from a checkpoint; returns the source resume position.
@@ -571,5 +640,95 @@ async fn next_or_cancel(stream: &mut BatchStream, cancel: &CancellationToken) ->
     tokio::select! {
         b = stream.next() => b,
         _ = cancel.cancelled() => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::checkpoint::CheckpointError;
+    use std::sync::atomic::{AtomicU32, Ordering};
+
+    fn unreachable() -> CheckpointError {
+        CheckpointError::List {
+            url: "s3://ckpt/".into(),
+            path: "manifests".into(),
+            message: "connection refused".into(),
+        }
+    }
+
+    fn retry(timeout_ms: u64) -> StartupRetry {
+        StartupRetry {
+            timeout: Duration::from_millis(timeout_ms),
+            first_backoff: Duration::from_millis(5),
+            max_backoff: Duration::from_millis(20),
+        }
+    }
+
+    #[tokio::test]
+    async fn startup_waits_out_an_unreachable_store_and_says_so() {
+        let health = Health::new();
+        let calls = AtomicU32::new(0);
+        let seen_blocked = std::sync::Mutex::new(None);
+        let got = retry(0)
+            .run(&health, &CancellationToken::new(), || {
+                let n = calls.fetch_add(1, Ordering::SeqCst);
+                if n == 3 {
+                    *seen_blocked.lock().unwrap() = health.not_ready();
+                }
+                async move {
+                    if n < 3 {
+                        Err(unreachable())
+                    } else {
+                        Ok(7u64)
+                    }
+                }
+            })
+            .await
+            .unwrap();
+        assert_eq!(got, Some(7));
+        assert_eq!(calls.load(Ordering::SeqCst), 4);
+        let why = seen_blocked.lock().unwrap().clone().unwrap();
+        assert!(why.contains("checkpoint store unreachable"), "{why}");
+        // Once through, start-up no longer holds readiness back.
+        assert!(!health.not_ready().unwrap().contains("unreachable"));
+    }
+
+    #[tokio::test]
+    async fn a_damaged_checkpoint_or_timeout_is_an_error_not_a_fresh_start() {
+        let health = Health::new();
+        let corrupt = retry(0)
+            .run(&health, &CancellationToken::new(), || async {
+                Err::<(), _>(CheckpointError::NoSuchStep {
+                    url: "file:///c".into(),
+                    step: 3,
+                })
+            })
+            .await;
+        assert!(matches!(corrupt, Err(CheckpointError::NoSuchStep { .. })));
+
+        let timed_out = retry(50)
+            .run(&health, &CancellationToken::new(), || async {
+                Err::<(), _>(unreachable())
+            })
+            .await;
+        assert!(matches!(timed_out, Err(CheckpointError::List { .. })));
+    }
+
+    #[tokio::test]
+    async fn shutdown_while_waiting_ends_cleanly() {
+        let cancel = CancellationToken::new();
+        let c2 = cancel.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(30)).await;
+            c2.cancel();
+        });
+        let got = retry(0)
+            .run(&Health::new(), &cancel, || async {
+                Err::<(), _>(unreachable())
+            })
+            .await
+            .unwrap();
+        assert_eq!(got, None);
     }
 }

@@ -4,16 +4,7 @@
 mod common;
 
 use common::*;
-use std::process::{Command, Stdio};
 use std::time::Duration;
-
-struct Prometheus(std::process::Child);
-impl Drop for Prometheus {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 #[test]
 fn prometheus_scrapes_the_daemon() {
@@ -24,41 +15,9 @@ fn prometheus_scrapes_the_daemon() {
     std::fs::write(&cfg, test_config(&src, port, "")).expect("write config");
     let mut daemon = Daemon::start(&cfg, &dir.path().join("odcd.log"));
 
-    let prom_port = free_port();
-    let prom_cfg = dir.path().join("prometheus.yml");
-    std::fs::write(
-        &prom_cfg,
-        format!(
-            "global:\n  scrape_interval: 1s\nscrape_configs:\n  - job_name: odcd\n    static_configs:\n      - targets: ['127.0.0.1:{port}']\n"
-        ),
-    )
-    .expect("write prometheus.yml");
-    let prom = Command::new("prometheus")
-        .arg(format!("--config.file={}", prom_cfg.display()))
-        .arg(format!("--storage.tsdb.path={}", dir.path().join("tsdb").display()))
-        .arg(format!("--web.listen-address=127.0.0.1:{prom_port}"))
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap_or_else(|e| {
-            panic!("cannot start prometheus ({e}): install it with `apt-get install -y prometheus` (scripts/setup.sh does)")
-        });
-    let _prom = Prometheus(prom);
-
-    // The daemon is ready once it trains: /readyz turns 200.
-    wait_until(
-        "daemon /readyz",
-        Duration::from_secs(180),
-        || match http_get(port, "/readyz") {
-            Some((200, _)) => Some(()),
-            _ => {
-                if let Ok(Some(st)) = daemon.child.try_wait() {
-                    panic!("daemon exited early ({st}); log:\n{}", daemon.log_text());
-                }
-                None
-            }
-        },
-    );
+    let prom = Prometheus::start(dir.path(), &[port]);
+    let prom_port = prom.port;
+    wait_ready(&mut daemon, port, Duration::from_secs(180));
     assert_eq!(http_get(port, "/healthz").map(|r| r.0), Some(200));
 
     // Prometheus must have scraped steps > 0 and the reject counters, via its query API.

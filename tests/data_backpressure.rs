@@ -40,6 +40,7 @@ async fn slow_consumer_bounds_records_in_flight() {
     let mut scfg = ObjectStoreSourceConfig::new("memory:///bp");
     scfg.channel_capacity = source_cap;
     let cancel = CancellationToken::new();
+    let store_after = store.clone();
     let rx = ObjectStoreSource::with_store(store, Path::from("bp"), scfg)
         .with_metrics(metrics.clone())
         .spawn(SourceState::default(), cancel.clone());
@@ -86,5 +87,27 @@ async fn slow_consumer_bounds_records_in_flight() {
         "max {max_in_flight}"
     );
     assert!(metrics.records_read.get() < (shards * per) as u64 / 2);
+    // Source lag: fewer than half the records were read, so at least 3 of the 5 shards are
+    // still waiting (the one in progress counts until its end).
+    let lag = metrics.lag_shards.get();
+    assert!((3..=5).contains(&lag), "odcd_source_lag_shards = {lag}");
+    assert!(metrics.lag_bytes.get() > 0);
     cancel.cancel();
+    // Drained to the end, the lag is zero.
+    let registry = prometheus::Registry::new();
+    let metrics = DataMetrics::register(&registry).unwrap();
+    let mut rx = ObjectStoreSource::with_store(
+        store_after,
+        Path::from("bp"),
+        ObjectStoreSourceConfig::new("memory:///bp"),
+    )
+    .with_metrics(metrics.clone())
+    .spawn(SourceState::default(), CancellationToken::new());
+    let mut n = 0;
+    while rx.recv().await.is_some() {
+        n += 1;
+    }
+    assert_eq!(n, shards * per);
+    assert_eq!(metrics.lag_shards.get(), 0);
+    assert_eq!(metrics.lag_bytes.get(), 0);
 }

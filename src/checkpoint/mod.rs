@@ -125,6 +125,18 @@ pub enum CheckpointError {
 
 pub type Result<T, E = CheckpointError> = std::result::Result<T, E>;
 
+impl CheckpointError {
+    /// The store could not be reached or read (network, permissions), as opposed to a
+    /// checkpoint that was read and found damaged. Worth retrying; never a reason to skip to an
+    /// older checkpoint.
+    pub fn is_transport(&self) -> bool {
+        matches!(
+            self,
+            CheckpointError::Read { .. } | CheckpointError::List { .. }
+        )
+    }
+}
+
 /// Everything needed to resume training exactly.
 #[derive(Debug, Clone)]
 pub struct Checkpoint {
@@ -730,6 +742,9 @@ impl CheckpointStore {
         for m in manifests.into_iter().rev() {
             match self.load(&m).await {
                 Ok(c) => return Ok(Some((m, c))),
+                // The store itself failing says nothing about this checkpoint: falling back to an
+                // older one (or to none, a fresh start) would silently rewind training.
+                Err(e) if e.is_transport() => return Err(e),
                 Err(e) => {
                     tracing::warn!(url = %self.url, id = %m.id, error = %e, "checkpoint does not verify; trying the previous one")
                 }

@@ -2,7 +2,7 @@
 //! and several pipelines in one process do not collide).
 
 use super::{RejectReason, RejectedRecord};
-use prometheus::{IntCounter, IntCounterVec, Opts, Registry};
+use prometheus::{IntCounter, IntCounterVec, IntGauge, Opts, Registry};
 
 /// Counters for records read, rejected (by reason), decoded and batches out.
 #[derive(Clone, Debug)]
@@ -22,6 +22,11 @@ pub struct DataMetrics {
     /// `odcd_deadletter_dropped_total`: rejects not written to the dead-letter store
     /// (queue full or write failed).
     pub deadletter_dropped: IntCounter,
+    /// `odcd_source_lag_shards`: shards listed under an object-store prefix and not yet read
+    /// to their end (this pass; in `follow` mode, new shards waiting).
+    pub lag_shards: IntGauge,
+    /// `odcd_source_lag_bytes`: the size of those shards (the current one counted whole).
+    pub lag_bytes: IntGauge,
 }
 
 impl DataMetrics {
@@ -44,7 +49,20 @@ impl DataMetrics {
         for r in RejectReason::ALL {
             rejected.with_label_values(&[r.as_str()]);
         }
+        let gauge = |name: &str, help: &str| -> prometheus::Result<IntGauge> {
+            let g = IntGauge::new(name, help)?;
+            registry.register(Box::new(g.clone()))?;
+            Ok(g)
+        };
         Ok(DataMetrics {
+            lag_shards: gauge(
+                "odcd_source_lag_shards",
+                "Object-store shards listed and not yet read to their end",
+            )?,
+            lag_bytes: gauge(
+                "odcd_source_lag_bytes",
+                "Bytes of the object-store shards not yet read to their end",
+            )?,
             rejected,
             records_read: counter("odcd_records_read_total", "Records yielded by sources")?,
             records_decoded: counter(

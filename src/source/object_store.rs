@@ -72,8 +72,18 @@ impl ObjectStoreSource {
     /// The shards under the prefix, in lexicographic order.
     /// A prefix that itself names a shard is that one shard.
     pub async fn list_shards(&self) -> Result<Vec<String>, SourceError> {
+        Ok(self
+            .list_shard_sizes()
+            .await?
+            .into_iter()
+            .map(|(name, _)| name)
+            .collect())
+    }
+
+    /// [`Self::list_shards`] with each shard's size in bytes (0 when the prefix names the shard).
+    pub async fn list_shard_sizes(&self) -> Result<Vec<(String, u64)>, SourceError> {
         if is_shard_name(self.prefix.as_ref()) {
-            return Ok(vec![self.prefix.to_string()]);
+            return Ok(vec![(self.prefix.to_string(), 0)]);
         }
         let prefix = (!self.prefix.as_ref().is_empty()).then_some(&self.prefix);
         let metas: Vec<_> = self
@@ -85,10 +95,10 @@ impl ObjectStoreSource {
                 prefix: self.prefix.to_string(),
                 source,
             })?;
-        let mut names: Vec<String> = metas
+        let mut names: Vec<(String, u64)> = metas
             .into_iter()
-            .map(|m| m.location.to_string())
-            .filter(|n| is_shard_name(n))
+            .map(|m| (m.location.to_string(), m.size))
+            .filter(|(n, _)| is_shard_name(n))
             .collect();
         names.sort();
         Ok(names)
@@ -124,7 +134,11 @@ impl ObjectStoreSource {
                     let Some(shards) = self.list_retrying(&cancel).await else {
                         return;
                     };
-                    for shard in &shards {
+                    let mut lag = Lag::new(
+                        self.metrics.as_ref(),
+                        shards.iter().filter(|(s, _)| state.skip_for(s).is_some()),
+                    );
+                    for (shard, size) in &shards {
                         let Some(skip) = state.skip_for(shard) else {
                             continue;
                         };
@@ -135,6 +149,7 @@ impl ObjectStoreSource {
                         {
                             return;
                         }
+                        lag.done(*size);
                     }
                     state.pass += 1;
                     state.completed.clear();
@@ -148,7 +163,11 @@ impl ObjectStoreSource {
                 let mut seen: BTreeSet<String> = state.completed.clone();
                 loop {
                     if let Some(shards) = self.list_retrying(&cancel).await {
-                        for shard in shards {
+                        let mut lag = Lag::new(
+                            self.metrics.as_ref(),
+                            shards.iter().filter(|(s, _)| !seen.contains(s)),
+                        );
+                        for (shard, size) in shards {
                             if seen.contains(&shard) {
                                 continue;
                             }
@@ -161,6 +180,7 @@ impl ObjectStoreSource {
                                 return;
                             }
                             seen.insert(shard);
+                            lag.done(size);
                         }
                     }
                     if !self.sleep(poll, &cancel).await {
@@ -188,13 +208,13 @@ impl ObjectStoreSource {
     }
 
     /// List with retries; `None` when cancelled or still failing (logged).
-    async fn list_retrying(&self, cancel: &CancellationToken) -> Option<Vec<String>> {
+    async fn list_retrying(&self, cancel: &CancellationToken) -> Option<Vec<(String, u64)>> {
         let mut attempt = 0;
         loop {
             if cancel.is_cancelled() {
                 return None;
             }
-            match self.list_shards().await {
+            match self.list_shard_sizes().await {
                 Ok(s) => return Some(s),
                 Err(e) if attempt < self.cfg.max_retries => {
                     tracing::warn!(attempt, "{e}; retrying");
@@ -337,6 +357,41 @@ impl ObjectStoreSource {
                 items: skip,
                 message: format!("reader thread failed: {e}"),
             },
+        }
+    }
+}
+
+/// The source-lag gauges over one listing: what is still to read of it.
+struct Lag<'a> {
+    metrics: Option<&'a DataMetrics>,
+}
+
+impl<'a> Lag<'a> {
+    fn new<'s>(
+        metrics: Option<&'a DataMetrics>,
+        pending: impl Iterator<Item = &'s (String, u64)>,
+    ) -> Self {
+        if let Some(m) = metrics {
+            let (n, bytes) = pending.fold((0i64, 0i64), |(n, b), (_, size)| {
+                (
+                    n + 1,
+                    b.saturating_add(i64::try_from(*size).unwrap_or(i64::MAX)),
+                )
+            });
+            m.lag_shards.set(n);
+            m.lag_bytes.set(bytes);
+        }
+        Lag { metrics }
+    }
+
+    fn done(&mut self, size: u64) {
+        if let Some(m) = self.metrics {
+            m.lag_shards.dec();
+            m.lag_bytes.sub(
+                i64::try_from(size)
+                    .unwrap_or(i64::MAX)
+                    .min(m.lag_bytes.get()),
+            );
         }
     }
 }

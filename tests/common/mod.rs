@@ -160,3 +160,83 @@ impl Drop for Daemon {
         let _ = self.child.wait();
     }
 }
+
+/// A real Prometheus server (Debian package `prometheus`) on 127.0.0.1 scraping `targets`
+/// every second; killed on drop.
+pub struct Prometheus {
+    child: Child,
+    pub port: u16,
+}
+
+impl Prometheus {
+    pub fn start(dir: &Path, targets: &[u16]) -> Prometheus {
+        let port = free_port();
+        let cfg = dir.join("prometheus.yml");
+        let list = targets
+            .iter()
+            .map(|p| format!("'127.0.0.1:{p}'"))
+            .collect::<Vec<_>>()
+            .join(", ");
+        std::fs::write(
+            &cfg,
+            format!(
+                "global:\n  scrape_interval: 1s\nscrape_configs:\n  - job_name: odcd\n    static_configs:\n      - targets: [{list}]\n"
+            ),
+        )
+        .expect("write prometheus.yml");
+        let child = Command::new("prometheus")
+            .arg(format!("--config.file={}", cfg.display()))
+            .arg(format!("--storage.tsdb.path={}", dir.join("tsdb").display()))
+            .arg(format!("--web.listen-address=127.0.0.1:{port}"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| {
+                panic!("cannot start prometheus ({e}): install it with `apt-get install -y prometheus` (scripts/setup.sh does)")
+            });
+        Prometheus { child, port }
+    }
+
+    /// GET an API path (already URL-encoded); the body when Prometheus answered 200.
+    pub fn api(&self, path_and_query: &str) -> Option<String> {
+        match http_get(self.port, path_and_query)? {
+            (200, body) => Some(body),
+            _ => None,
+        }
+    }
+}
+
+impl Drop for Prometheus {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Percent-encodes a query-string value.
+pub fn url_encode(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+/// Waits until the daemon on `port` answers `/readyz` with 200 (it trains); panics with its log
+/// if it exits first.
+pub fn wait_ready(daemon: &mut Daemon, port: u16, timeout: Duration) {
+    wait_until("daemon /readyz", timeout, || {
+        match http_get(port, "/readyz") {
+            Some((200, _)) => Some(()),
+            _ => {
+                if let Ok(Some(st)) = daemon.child.try_wait() {
+                    panic!("daemon exited early ({st}); log:\n{}", daemon.log_text());
+                }
+                None
+            }
+        }
+    });
+}
