@@ -2,7 +2,10 @@
 # One command from a fresh Debian machine to a running odcd: installs what it needs
 # (build tools, Fashion-MNIST from Debian), builds odcd, makes WebDataset shards from the
 # IDX files and trains on them with configs/quickstart.toml (local files, CPU, 300 steps).
+# `--shards-only` stops after making the shards (e.g. for the docker stack, docker/compose.yml).
 set -euo pipefail
+shards_only=false
+[ "${1:-}" = "--shards-only" ] && shards_only=true
 cd "$(dirname "$0")/.."
 scripts/setup.sh --no-test-services
 cargo build --release --bin odcd
@@ -15,5 +18,9 @@ if [ ! -s "$OUT/.complete" ]; then
     "file://$OUT/" --per-shard 5000 --prefix fmnist-train
   "$ODCD" shards inspect "file://$OUT/" | tail -n 5
   date > "$OUT/.complete"
+fi
+if $shards_only; then
+  echo "shards in $OUT"
+  exit 0
 fi
 exec "$ODCD" run --config configs/quickstart.toml
