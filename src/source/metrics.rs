@@ -2,7 +2,7 @@
 //! and several pipelines in one process do not collide).
 
 use super::{RejectReason, RejectedRecord};
-use prometheus::{IntCounter, IntCounterVec, Opts, Registry};
+use prometheus::{IntCounter, IntCounterVec, IntGaugeVec, Opts, Registry};
 
 /// Counters for records read, rejected (by reason), decoded and batches out.
 #[derive(Clone, Debug)]
@@ -22,6 +22,17 @@ pub struct DataMetrics {
     /// `odcd_deadletter_dropped_total`: rejects not written to the dead-letter store
     /// (queue full or write failed).
     pub deadletter_dropped: IntCounter,
+    /// `odcd_source_lag_records{topic,partition}`: Kafka high watermark minus the consumer's
+    /// position.
+    pub source_lag: IntGaugeVec,
+    /// `odcd_source_rebalances_total`: Kafka consumer-group rebalances (assign and revoke).
+    pub source_rebalances: IntCounter,
+    /// `odcd_source_commits_total`: Kafka offset commits that succeeded.
+    pub source_commits: IntCounter,
+    /// `odcd_source_commit_failures_total`: Kafka offset commits that failed.
+    pub source_commit_failures: IntCounter,
+    /// `odcd_deadletter_records_total`: rejects written to the dead-letter store or topic.
+    pub deadletter_written: IntCounter,
 }
 
 impl DataMetrics {
@@ -44,8 +55,33 @@ impl DataMetrics {
         for r in RejectReason::ALL {
             rejected.with_label_values(&[r.as_str()]);
         }
+        let source_lag = IntGaugeVec::new(
+            Opts::new(
+                "odcd_source_lag_records",
+                "Kafka source: high watermark minus the consumer position, per partition",
+            ),
+            &["topic", "partition"],
+        )?;
+        registry.register(Box::new(source_lag.clone()))?;
         Ok(DataMetrics {
             rejected,
+            source_lag,
+            source_rebalances: counter(
+                "odcd_source_rebalances_total",
+                "Kafka consumer-group rebalances (assign and revoke)",
+            )?,
+            source_commits: counter(
+                "odcd_source_commits_total",
+                "Kafka offset commits that succeeded",
+            )?,
+            source_commit_failures: counter(
+                "odcd_source_commit_failures_total",
+                "Kafka offset commits that failed",
+            )?,
+            deadletter_written: counter(
+                "odcd_deadletter_records_total",
+                "Rejected records written to the dead-letter store or topic",
+            )?,
             records_read: counter("odcd_records_read_total", "Records yielded by sources")?,
             records_decoded: counter(
                 "odcd_records_decoded_total",
