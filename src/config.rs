@@ -416,14 +416,26 @@ mod tests {
         let text = toml::to_string_pretty(&cfg).expect("serialise");
         Config::from_toml(&text, "printed").expect("printed config parses back");
         let bad = KAFKA.replace("group_id = ", "grup_id = ");
-        let e = Config::from_toml(&bad, "x.toml").err().map(|e| e.to_string());
+        let e = Config::from_toml(&bad, "x.toml")
+            .err()
+            .map(|e| e.to_string());
         assert!(e.as_deref().is_some_and(|m| m.contains("grup_id")), "{e:?}");
         let bad = KAFKA.replace("kind = \"kafka\"", "kind = \"kafkaa\"");
-        let e = Config::from_toml(&bad, "x.toml").err().map(|e| e.to_string());
-        assert!(e.as_deref().is_some_and(|m| m.contains("source.kind")), "{e:?}");
+        let e = Config::from_toml(&bad, "x.toml")
+            .err()
+            .map(|e| e.to_string());
+        assert!(
+            e.as_deref().is_some_and(|m| m.contains("source.kind")),
+            "{e:?}"
+        );
         let bad = KAFKA.replace("topics = [\"odcd-images\"]", "topics = []");
-        let e = Config::from_toml(&bad, "x.toml").err().map(|e| e.to_string());
-        assert!(e.as_deref().is_some_and(|m| m.contains("source.topics")), "{e:?}");
+        let e = Config::from_toml(&bad, "x.toml")
+            .err()
+            .map(|e| e.to_string());
+        assert!(
+            e.as_deref().is_some_and(|m| m.contains("source.topics")),
+            "{e:?}"
+        );
     }
 
     #[test]

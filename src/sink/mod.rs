@@ -40,7 +40,9 @@ impl KafkaSinkMetrics {
         registry: &prometheus::Registry,
         counters: Arc<kafka::KafkaSinkCounters>,
     ) -> Result<Self, prometheus::Error> {
-        let vec = |name: &str, help: &str| -> Result<prometheus::IntCounterVec, prometheus::Error> {
+        let vec = |name: &str,
+                   help: &str|
+         -> Result<prometheus::IntCounterVec, prometheus::Error> {
             let v = prometheus::IntCounterVec::new(prometheus::Opts::new(name, help), &["sink"])?;
             registry.register(Box::new(v.clone()))?;
             v.with_label_values(&["kafka"]);
@@ -104,12 +106,14 @@ impl EmbeddingSinks {
             None => None,
         };
         let kafka_metrics = match (&kafka, registry) {
-            (Some(k), Some(r)) => Some(
-                KafkaSinkMetrics::register(r, k.counters()).map_err(|err| SinkError::Kafka {
-                    topic: k.topic().into(),
-                    message: format!("metrics: {err}"),
-                })?,
-            ),
+            (Some(k), Some(r)) => {
+                Some(KafkaSinkMetrics::register(r, k.counters()).map_err(|err| {
+                    SinkError::Kafka {
+                        topic: k.topic().into(),
+                        message: format!("metrics: {err}"),
+                    }
+                })?)
+            }
             _ => None,
         };
         Ok(EmbeddingSinks {

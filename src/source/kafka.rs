@@ -347,7 +347,9 @@ impl ConsumerContext for Ctx {
                 for ((topic, p), from) in &assigned {
                     if let Some(off) = from {
                         if let Err(e) = tpl.set_partition_offset(topic, *p, Offset::Offset(*off)) {
-                            tracing::error!("kafka source: cannot resume {topic}/{p} at {off}: {e}");
+                            tracing::error!(
+                                "kafka source: cannot resume {topic}/{p} at {off}: {e}"
+                            );
                         }
                     }
                 }
@@ -384,7 +386,11 @@ impl ConsumerContext for Ctx {
         }
     }
 
-    fn commit_callback(&self, result: rdkafka::error::KafkaResult<()>, offsets: &TopicPartitionList) {
+    fn commit_callback(
+        &self,
+        result: rdkafka::error::KafkaResult<()>,
+        offsets: &TopicPartitionList,
+    ) {
         match result {
             Ok(()) => {
                 self.shared.metrics.source_commits.inc();
@@ -392,7 +398,9 @@ impl ConsumerContext for Ctx {
             }
             Err(e) => {
                 self.shared.metrics.source_commit_failures.inc();
-                tracing::warn!("kafka source: offset commit failed (retried with the next checkpoint): {e}");
+                tracing::warn!(
+                    "kafka source: offset commit failed (retried with the next checkpoint): {e}"
+                );
             }
         }
     }
@@ -583,10 +591,7 @@ async fn consume(
             Err(e) => {
                 // librdkafka reconnects by itself; wait so a persistent error does not spin.
                 metrics.retries.inc();
-                tracing::warn!(
-                    "kafka source: {e}; retrying in {} ms",
-                    backoff.as_millis()
-                );
+                tracing::warn!("kafka source: {e}; retrying in {} ms", backoff.as_millis());
                 if matches!(
                     e.rdkafka_error_code(),
                     Some(RDKafkaErrorCode::AllBrokersDown)
@@ -710,7 +715,9 @@ fn message_items<M: Message>(m: &M, cfg: &KafkaSourceConfig, shared: &Shared) ->
     if let Some(h) = m.headers() {
         for i in 0..h.count() {
             let hd = h.get(i);
-            let v = hd.value.map(|v| String::from_utf8_lossy(v).trim().to_string());
+            let v = hd
+                .value
+                .map(|v| String::from_utf8_lossy(v).trim().to_string());
             if hd.key == cfg.label_header {
                 label = v;
             } else if hd.key == cfg.content_type_header {
@@ -736,17 +743,15 @@ fn message_items<M: Message>(m: &M, cfg: &KafkaSourceConfig, shared: &Shared) ->
         None | Some("") => None,
         Some(s) => match s.parse::<i64>() {
             Ok(v) => Some(v),
-            Err(_) => {
-                return reject(
-                    RejectReason::BadLabel,
-                    format!(
-                        "header `{}` of message {topic}/{partition}@{offset} is {s:?}, not an integer",
-                        cfg.label_header
-                    ),
-                    Some(payload),
-                    Some(format),
-                )
-            }
+            Err(_) => return reject(
+                RejectReason::BadLabel,
+                format!(
+                    "header `{}` of message {topic}/{partition}@{offset} is {s:?}, not an integer",
+                    cfg.label_header
+                ),
+                Some(payload),
+                Some(format),
+            ),
         },
     };
     Parsed::Ready(vec![Ok(Record {
@@ -772,39 +777,38 @@ fn shard_items(
     let mut out = Vec::new();
     let mut n = 0u64;
     let fault = TransportFault::default();
-    read_shard(
-        std::io::Cursor::new(payload),
-        &name,
-        opts,
-        &fault,
-        |item| {
-            n += 1;
-            if n > skip {
-                let pos = Position::Kafka {
-                    topic: topic.to_string(),
-                    partition,
-                    offset,
-                };
-                out.push(match item {
-                    Ok(mut r) => {
-                        r.position = pos;
-                        Ok(r)
-                    }
-                    Err(mut r) => {
-                        r.position = pos;
-                        Err(r)
-                    }
-                });
-            }
-            std::ops::ControlFlow::Continue(())
-        },
-    );
+    read_shard(std::io::Cursor::new(payload), &name, opts, &fault, |item| {
+        n += 1;
+        if n > skip {
+            let pos = Position::Kafka {
+                topic: topic.to_string(),
+                partition,
+                offset,
+            };
+            out.push(match item {
+                Ok(mut r) => {
+                    r.position = pos;
+                    Ok(r)
+                }
+                Err(mut r) => {
+                    r.position = pos;
+                    Err(r)
+                }
+            });
+        }
+        std::ops::ControlFlow::Continue(())
+    });
     out
 }
 
 /// `image/png` → `png`, ... (parameters after `;` ignored).
 fn format_from_content_type(ct: &str) -> Option<&'static str> {
-    let base = ct.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
+    let base = ct
+        .split(';')
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_ascii_lowercase();
     match base.as_str() {
         "image/png" => Some("png"),
         "image/jpeg" | "image/jpg" => Some("jpg"),
@@ -947,17 +951,31 @@ mod tests {
     #[test]
     fn config_errors_name_the_field() {
         let mut c = KafkaSourceConfig::new("", &["t"], "g");
-        let e = c.validate().err().map(|e| e.to_string()).unwrap_or_default();
+        let e = c
+            .validate()
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
         assert!(e.contains("source.brokers"), "{e}");
         c.brokers = "h:1".into();
-        c.options
-            .insert("enable.auto.commit".into(), "true".into());
-        let e = c.validate().err().map(|e| e.to_string()).unwrap_or_default();
-        assert!(e.contains("source.options") && e.contains("enable.auto.commit"), "{e}");
+        c.options.insert("enable.auto.commit".into(), "true".into());
+        let e = c
+            .validate()
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(
+            e.contains("source.options") && e.contains("enable.auto.commit"),
+            "{e}"
+        );
         c.options.clear();
         c.options_env
             .insert("sasl.password".into(), "ODCD_TEST_SURELY_UNSET_VAR".into());
-        let e = c.validate().err().map(|e| e.to_string()).unwrap_or_default();
+        let e = c
+            .validate()
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
         assert!(e.contains("ODCD_TEST_SURELY_UNSET_VAR"), "{e}");
     }
 }

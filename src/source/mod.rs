@@ -12,9 +12,9 @@ mod state;
 pub mod webdataset;
 
 pub use self::config::{default_store_options, open_store, ObjectStoreSourceConfig, SourceMode};
+pub use self::kafka::{KafkaHandle, KafkaSource, KafkaSourceConfig};
 pub use self::metrics::DataMetrics;
 pub use self::object_store::{ObjectStoreSource, SourceError};
-pub use self::kafka::{KafkaHandle, KafkaSource, KafkaSourceConfig};
 pub use self::state::SourceState;
 
 /// `[source]`: object-store shards (the default, `kind` absent or `"object_store"`) or Kafka
@@ -32,11 +32,9 @@ impl<'de> Deserialize<'de> for SourceConfig {
         let kind = match t.remove("kind") {
             None => "object_store".to_string(),
             Some(toml::Value::String(s)) => s,
-            Some(other) => {
-                return Err(D::Error::custom(format!(
-                    "source.kind = {other} must be a string: \"object_store\" (default) or \"kafka\""
-                )))
-            }
+            Some(other) => return Err(D::Error::custom(format!(
+                "source.kind = {other} must be a string: \"object_store\" (default) or \"kafka\""
+            ))),
         };
         match kind.as_str() {
             "object_store" => t

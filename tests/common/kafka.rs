@@ -94,9 +94,8 @@ impl Tansu {
     }
 
     pub fn create_topic(&self, name: &str, partitions: i32) {
-        let admin: AdminClient<DefaultClientContext> = client(&self.brokers)
-            .create()
-            .expect("admin client");
+        let admin: AdminClient<DefaultClientContext> =
+            client(&self.brokers).create().expect("admin client");
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
@@ -126,7 +125,10 @@ impl Tansu {
                     value: Some(hv.as_bytes()),
                 });
             }
-            let mut rec = BaseRecord::to(topic).key(k.as_bytes()).payload(v).headers(h);
+            let mut rec = BaseRecord::to(topic)
+                .key(k.as_bytes())
+                .payload(v)
+                .headers(h);
             loop {
                 match p.send(rec) {
                     Ok(()) => break,
@@ -275,7 +277,13 @@ pub fn fixture_records() -> Vec<(String, Vec<u8>, Vec<(String, String)>)> {
 }
 
 /// `test_config` with a Kafka `[source]` instead of the fixture directory.
-pub fn kafka_test_config(brokers: &str, topic: &str, group: &str, port: u16, extra: &str) -> String {
+pub fn kafka_test_config(
+    brokers: &str,
+    topic: &str,
+    group: &str,
+    port: u16,
+    extra: &str,
+) -> String {
     let text = super::test_config("file:///unused/", port, extra);
     text.replace(
         "[source]\nurl = \"file:///unused/\"\nmode = { loop = {} }\n",
