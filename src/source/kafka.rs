@@ -743,15 +743,17 @@ fn message_items<M: Message>(m: &M, cfg: &KafkaSourceConfig, shared: &Shared) ->
         None | Some("") => None,
         Some(s) => match s.parse::<i64>() {
             Ok(v) => Some(v),
-            Err(_) => return reject(
-                RejectReason::BadLabel,
-                format!(
+            Err(_) => {
+                return reject(
+                    RejectReason::BadLabel,
+                    format!(
                     "header `{}` of message {topic}/{partition}@{offset} is {s:?}, not an integer",
                     cfg.label_header
                 ),
-                Some(payload),
-                Some(format),
-            ),
+                    Some(payload),
+                    Some(format),
+                )
+            }
         },
     };
     Parsed::Ready(vec![Ok(Record {

@@ -32,9 +32,11 @@ impl<'de> Deserialize<'de> for SourceConfig {
         let kind = match t.remove("kind") {
             None => "object_store".to_string(),
             Some(toml::Value::String(s)) => s,
-            Some(other) => return Err(D::Error::custom(format!(
+            Some(other) => {
+                return Err(D::Error::custom(format!(
                 "source.kind = {other} must be a string: \"object_store\" (default) or \"kafka\""
-            ))),
+            )))
+            }
         };
         match kind.as_str() {
             "object_store" => t

@@ -37,6 +37,9 @@ pub fn tansu_bin() -> PathBuf {
     PathBuf::from(String::from_utf8_lossy(&out.stdout).trim())
 }
 
+/// A record to produce: key, value, headers.
+pub type InRec = (String, Vec<u8>, Vec<(String, String)>);
+
 /// A running Tansu broker.
 pub struct Tansu {
     child: Child,
@@ -112,7 +115,7 @@ impl Tansu {
     }
 
     /// Produce records (key, value, headers) and wait for every delivery.
-    pub fn produce(&self, topic: &str, records: &[(String, Vec<u8>, Vec<(String, String)>)]) {
+    pub fn produce(&self, topic: &str, records: &[InRec]) {
         let p: BaseProducer = client(&self.brokers)
             .set("enable.idempotence", "true")
             .create()
@@ -165,8 +168,8 @@ impl Tansu {
         let mut out = Vec::new();
         let t0 = Instant::now();
         while t0.elapsed() < timeout && !done(&out) {
-            match c.poll(Duration::from_millis(200)) {
-                Some(Ok(m)) => {
+            if let Some(Ok(m)) = c.poll(Duration::from_millis(200)) {
+                {
                     let mut headers = Vec::new();
                     if let Some(h) = m.headers() {
                         for i in 0..h.count() {
@@ -185,7 +188,6 @@ impl Tansu {
                         offset: m.offset(),
                     });
                 }
-                Some(Err(_)) | None => {}
             }
         }
         out
@@ -252,7 +254,7 @@ fn client(brokers: &str) -> ClientConfig {
 
 /// The 200 fixture images as Kafka records: key = sample key, value = PNG bytes, headers
 /// class_label and content_type.
-pub fn fixture_records() -> Vec<(String, Vec<u8>, Vec<(String, String)>)> {
+pub fn fixture_records() -> Vec<InRec> {
     let path = super::fixtures_dir().join("fmnist-test-000000.tar");
     let f = std::fs::File::open(&path).expect("open fixture shard");
     let mut out = Vec::new();
