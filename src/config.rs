@@ -10,7 +10,7 @@ use crate::decode::PipelineConfig;
 use crate::metrics::MetricsConfig;
 use crate::model::ModelConfig;
 use crate::optim::SgdConfig;
-use crate::source::ObjectStoreSourceConfig;
+use crate::source::SourceConfig;
 use crate::train::OdcConfig;
 
 #[derive(Debug, thiserror::Error)]
@@ -138,12 +138,17 @@ fn default_embed_every() -> u64 {
     1
 }
 
-/// `[embeddings]`: where the trained samples' embeddings are published.
+/// `[embeddings]`: where the trained samples' embeddings are published: Parquet files
+/// (`url`), a Kafka topic (`[embeddings.kafka]`), or both.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct EmbeddingsConfig {
     /// Parquet files on an object store: a local path or file:///, s3://, gs://, az:// URL.
-    pub url: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub url: Option<String>,
+    /// A Kafka topic (key = sample key, value in the documented binary or JSON encoding).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kafka: Option<crate::sink::KafkaSinkConfig>,
     #[serde(default)]
     pub options: std::collections::BTreeMap<String, String>,
     /// Publish the embeddings of every N-th training step (1 = every step).
@@ -174,7 +179,7 @@ pub struct LogConfig {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
-    pub source: ObjectStoreSourceConfig,
+    pub source: SourceConfig,
     pub pipeline: PipelineConfig,
     #[serde(default)]
     pub model: ModelConfig,
@@ -199,12 +204,14 @@ impl Config {
             path: path.to_string(),
             message: e.to_string(),
         })?;
-        cfg.source.url = local_path_to_url(&cfg.source.url, "source.url")?;
+        if let SourceConfig::ObjectStore(s) = &mut cfg.source {
+            s.url = local_path_to_url(&s.url, "source.url")?;
+        }
         if let Some(c) = cfg.checkpoint.as_mut() {
             c.url = local_path_to_url(&c.url, "checkpoint.url")?;
         }
-        if let Some(e) = cfg.embeddings.as_mut() {
-            e.url = local_path_to_url(&e.url, "embeddings.url")?;
+        if let Some(u) = cfg.embeddings.as_mut().and_then(|e| e.url.as_mut()) {
+            *u = local_path_to_url(u, "embeddings.url")?;
         }
         cfg.validate()?;
         Ok(cfg)
@@ -229,15 +236,31 @@ impl Config {
         self.odc
             .validate()
             .map_err(|e| invalid("odc", e.to_string()))?;
-        url::Url::parse(&self.source.url).map_err(|e| {
-            invalid(
-                "source.url",
-                format!(
-                    "`{}` is not a URL ({e}): use file:///abs/path, s3://bucket/prefix, gs://, az:// or memory:///",
-                    self.source.url
-                ),
-            )
-        })?;
+        match &self.source {
+            SourceConfig::ObjectStore(s) => {
+                url::Url::parse(&s.url).map_err(|e| {
+                    invalid(
+                        "source.url",
+                        format!(
+                            "`{}` is not a URL ({e}): use file:///abs/path, s3://bucket/prefix, gs://, az:// or memory:///",
+                            s.url
+                        ),
+                    )
+                })?;
+            }
+            SourceConfig::Kafka(k) => k.validate().map_err(|e| match e {
+                crate::source::SourceError::KafkaConfig { field, message } => {
+                    invalid(&field, message)
+                }
+                other => invalid("source", other.to_string()),
+            })?,
+        }
+        if let Some(d) = &self.pipeline.dead_letter {
+            d.validate().map_err(|e| match e {
+                crate::sink::SinkError::KafkaConfig { field, message } => invalid(&field, message),
+                other => invalid("pipeline.dead_letter", other.to_string()),
+            })?;
+        }
         if self.pipeline.batch_size == 0 {
             return Err(invalid("pipeline.batch_size", "must be > 0"));
         }
@@ -282,8 +305,24 @@ impl Config {
             }
         }
         if let Some(e) = &self.embeddings {
-            url::Url::parse(&e.url)
-                .map_err(|err| invalid("embeddings.url", format!("`{}`: {err}", e.url)))?;
+            if let Some(u) = &e.url {
+                url::Url::parse(u)
+                    .map_err(|err| invalid("embeddings.url", format!("`{u}`: {err}")))?;
+            }
+            if e.url.is_none() && e.kafka.is_none() {
+                return Err(invalid(
+                    "embeddings.url",
+                    "[embeddings] needs a destination: `url` (Parquet files) and/or an [embeddings.kafka] table (a topic)",
+                ));
+            }
+            if let Some(k) = &e.kafka {
+                k.validate("embeddings.kafka").map_err(|err| match err {
+                    crate::sink::SinkError::KafkaConfig { field, message } => {
+                        invalid(&field, message)
+                    }
+                    other => invalid("embeddings.kafka", other.to_string()),
+                })?;
+            }
             if e.every_steps == 0 || e.queue == 0 {
                 return Err(invalid(
                     "embeddings.every_steps",
@@ -344,7 +383,9 @@ mod tests {
     #[test]
     fn quickstart_config_is_valid() -> Result<(), ConfigError> {
         let cfg = Config::from_toml(QUICKSTART, "configs/quickstart.toml")?;
-        assert!(cfg.source.url.starts_with("file:///"));
+        assert!(
+            matches!(&cfg.source, SourceConfig::ObjectStore(s) if s.url.starts_with("file:///"))
+        );
         assert_eq!(cfg.model.in_channels, 1);
         Ok(())
     }
@@ -368,6 +409,42 @@ mod tests {
             }
         }
         assert!(n >= 3, "expected the shipped configs in {}", dir.display());
+    }
+
+    const KAFKA: &str = include_str!("../configs/kafka.toml");
+
+    #[test]
+    fn kafka_config_round_trips_and_names_bad_fields() {
+        let cfg = Config::from_toml(KAFKA, "configs/kafka.toml").expect("kafka.toml is valid");
+        let SourceConfig::Kafka(k) = &cfg.source else {
+            panic!("kind = \"kafka\" gives a Kafka source")
+        };
+        assert_eq!(k.topics, ["odcd-images"]);
+        assert!(cfg.embeddings.as_ref().is_some_and(|e| e.kafka.is_some()));
+        // The effective config printed by `config check` (and stored in checkpoints) parses back.
+        let text = toml::to_string_pretty(&cfg).expect("serialise");
+        Config::from_toml(&text, "printed").expect("printed config parses back");
+        let bad = KAFKA.replace("group_id = ", "grup_id = ");
+        let e = Config::from_toml(&bad, "x.toml")
+            .err()
+            .map(|e| e.to_string());
+        assert!(e.as_deref().is_some_and(|m| m.contains("grup_id")), "{e:?}");
+        let bad = KAFKA.replace("kind = \"kafka\"", "kind = \"kafkaa\"");
+        let e = Config::from_toml(&bad, "x.toml")
+            .err()
+            .map(|e| e.to_string());
+        assert!(
+            e.as_deref().is_some_and(|m| m.contains("source.kind")),
+            "{e:?}"
+        );
+        let bad = KAFKA.replace("topics = [\"odcd-images\"]", "topics = []");
+        let e = Config::from_toml(&bad, "x.toml")
+            .err()
+            .map(|e| e.to_string());
+        assert!(
+            e.as_deref().is_some_and(|m| m.contains("source.topics")),
+            "{e:?}"
+        );
     }
 
     #[test]

@@ -1,6 +1,13 @@
 //! `odcd embed`: inference with a frozen checkpoint over a source, to the embeddings sink,
 //! tagged with the checkpoint's step. Uses the eval transform (resize + centre crop) derived
 //! from the config's train transform, eval-mode BatchNorm and no dropout.
+//!
+//! From a Kafka source it runs as a fleet: processes with the same `group_id` share the
+//! partitions. Kafka output keys are `<sample key>@<model version>` (deterministic), the
+//! producer is idempotent, and a batch's input offsets are committed only after all its
+//! outputs are delivered, so after a crash no input is missing and a duplicate is an identical
+//! re-delivery. With `[embeddings.kafka] exactly_once = true` each batch is one Kafka
+//! transaction (embeddings + `send_offsets_to_transaction` + commit).
 
 use std::time::Instant;
 
@@ -12,7 +19,7 @@ use crate::decode::{BatchStream, EvalConfig, TransformConfig};
 use crate::model::OdcModel;
 use crate::odc::StreamingMemory;
 use crate::pipeline::RunError;
-use crate::sink::{EmbeddingBatch, ParquetSink};
+use crate::sink::{EmbeddingBatch, EmbeddingSinks};
 use crate::source::{DataMetrics, SourceState};
 
 #[derive(Debug, Clone, Default)]
@@ -91,7 +98,20 @@ pub async fn embed(
         SourceState::default(),
         cancel.child_token(),
     )?;
-    let mut sink = ParquetSink::open(&ecfg.url, &ecfg.options, ecfg.parquet.clone())?;
+    let kafka_src = stream.kafka();
+    let exactly_once = ecfg.kafka.as_ref().is_some_and(|k| k.exactly_once);
+    if exactly_once && kafka_src.is_none() {
+        return Err(RunError::Sink(crate::sink::SinkError::KafkaConfig {
+            field: "embeddings.kafka.exactly_once".into(),
+            message: "needs a Kafka source ([source] kind = \"kafka\"): the input offsets are part of each transaction".into(),
+        }));
+    }
+    let mut sink = EmbeddingSinks::open(&ecfg, Some(&registry), true, exactly_once)?;
+    if exactly_once {
+        if let Some(k) = sink.kafka() {
+            k.init_transactions().await?;
+        }
+    }
     let sink_metrics = sink.metrics();
     let version = format!("step-{:012}", ckpt.step);
     let d = cfg.model.feat_dim;
@@ -135,7 +155,7 @@ pub async fn embed(
             Ok((v, clusters))
         })?;
         rows += batch.keys.len() as u64;
-        sink.write(EmbeddingBatch {
+        let out = EmbeddingBatch {
             keys: batch.keys,
             step: ckpt.step,
             model_version: version.clone(),
@@ -143,8 +163,42 @@ pub async fn embed(
             class_labels: batch.class_labels,
             dim: d,
             embeddings: emb,
-        })
-        .await?;
+        };
+        let Some(src) = &kafka_src else {
+            sink.write(out).await?;
+            continue;
+        };
+        // Kafka input: the batch's offsets are committed only once its outputs are durable.
+        let state = stream.state().clone();
+        if exactly_once {
+            let group = src.group_metadata().ok_or_else(|| {
+                RunError::Sink(crate::sink::SinkError::Kafka {
+                    topic: "(source)".into(),
+                    message: "the consumer has no group metadata for the transaction".into(),
+                })
+            })?;
+            sink.write_transaction(out, src.offsets(&state), group)
+                .await?;
+        } else {
+            sink.write(out).await?;
+            if let Some(k) = sink.kafka() {
+                let failed = k.flush().await?;
+                if failed > 0 {
+                    // Never commit past an output that was not delivered: stop, and a restart
+                    // re-reads from the last committed offsets.
+                    return Err(RunError::Sink(crate::sink::SinkError::Kafka {
+                        topic: k.topic().into(),
+                        message: format!("{failed} embedding record(s) could not be delivered; stopping before committing their input offsets"),
+                    }));
+                }
+            }
+            src.commit_sync(&state).map_err(|e| {
+                RunError::Sink(crate::sink::SinkError::Kafka {
+                    topic: "(source)".into(),
+                    message: format!("cannot commit the input offsets: {e}"),
+                })
+            })?;
+        }
     }
     sink.close().await?;
     Ok(EmbedSummary {

@@ -148,7 +148,14 @@ fn main() -> Result<()> {
         } => {
             let mut cfg = Config::load(&config)?;
             if once {
-                cfg.source.mode = odcd::source::SourceMode::Once;
+                match &mut cfg.source {
+                    odcd::source::SourceConfig::ObjectStore(s) => {
+                        s.mode = odcd::source::SourceMode::Once
+                    }
+                    odcd::source::SourceConfig::Kafka(_) => anyhow::bail!(
+                        "--once reads an object-store prefix once; a Kafka source has no end: stop `odcd embed` with SIGTERM"
+                    ),
+                }
             }
             init_logging(cfg.log.format);
             rt.block_on(async move {

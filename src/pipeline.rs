@@ -14,7 +14,7 @@ use crate::decode::BatchStream;
 use crate::metrics::{Health, TrainMetrics};
 use crate::odc::StreamingMemory;
 use crate::record::Batch;
-use crate::sink::{EmbeddingBatch, ParquetSink, SinkMetrics};
+use crate::sink::{EmbeddingBatch, EmbeddingSinks, SinkMetrics};
 use crate::source::{DataMetrics, SourceState};
 use crate::train::{TrainError, Trainer};
 
@@ -136,6 +136,11 @@ pub async fn run(cfg: Config, cancel: CancellationToken) -> Result<RunSummary, R
         cancel.child_token(),
     )?;
     health.set_source_ok(true);
+    let kafka = stream.kafka();
+    if let Some(k) = &kafka {
+        // `/readyz` follows the broker connection.
+        k.report_to(health.clone(), cancel.clone());
+    }
 
     let handle = tokio::runtime::Handle::current();
     let trainer_cancel = cancel.clone();
@@ -145,6 +150,7 @@ pub async fn run(cfg: Config, cancel: CancellationToken) -> Result<RunSummary, R
         store,
         sink_tx,
         resumed_from,
+        kafka,
     };
     let join = std::thread::Builder::new()
         .name("odcd-trainer".into())
@@ -288,7 +294,7 @@ fn spawn_sink(
     e: &EmbeddingsConfig,
     registry: &prometheus::Registry,
 ) -> Result<SinkParts, RunError> {
-    let mut sink = ParquetSink::open(&e.url, &e.options, e.parquet.clone())?;
+    let mut sink = EmbeddingSinks::open(e, Some(registry), false, false)?;
     let m = sink.metrics();
     let rows = prometheus::IntCounter::new(
         "odcd_sink_rows_total",
@@ -343,6 +349,8 @@ struct LoopCtx {
     store: Option<CheckpointStore>,
     sink_tx: Option<mpsc::Sender<EmbeddingBatch>>,
     resumed_from: Option<u64>,
+    /// Kafka source: offsets are committed once a checkpoint covering them is durable.
+    kafka: Option<crate::source::KafkaHandle>,
 }
 
 /// Writes a checkpoint from the trainer thread; failures are reported, never fatal.
@@ -397,6 +405,9 @@ fn checkpoint(
                 .unwrap_or(0.0);
             ctx.metrics.last_checkpoint_timestamp.set(now);
             ctx.health.set_checkpoint(None);
+            if let Some(k) = &ctx.kafka {
+                k.commit(source);
+            }
             tracing::info!(
                 step = m.step,
                 id = %m.id,

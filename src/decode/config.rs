@@ -197,15 +197,33 @@ pub struct PipelineConfig {
     pub dead_letter: Option<DeadLetterConfig>,
 }
 
-/// Dead-letter destination.
+/// Dead-letter destination: an object-store prefix (`url`) or a Kafka topic (`kafka`).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DeadLetterConfig {
     /// Prefix URL, e.g. `s3://bucket/dead-letter` or `file:///var/lib/odcd/dead-letter`.
-    pub url: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub url: Option<String>,
     /// object_store options overriding the environment (as for the source).
     #[serde(default)]
     pub options: std::collections::BTreeMap<String, String>,
+    /// A Kafka topic instead: value = the original bytes, reason and context in headers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kafka: Option<crate::sink::KafkaTopicConfig>,
+}
+
+impl DeadLetterConfig {
+    /// Exactly one destination, and a valid one.
+    pub fn validate(&self) -> Result<(), crate::sink::SinkError> {
+        match (&self.url, &self.kafka) {
+            (Some(_), None) => Ok(()),
+            (None, Some(k)) => k.validate("pipeline.dead_letter.kafka"),
+            _ => Err(crate::sink::SinkError::KafkaConfig {
+                field: "pipeline.dead_letter".into(),
+                message: "set exactly one of `url` (object store) and `kafka` (a topic)".into(),
+            }),
+        }
+    }
 }
 
 fn default_batch_queue() -> usize {

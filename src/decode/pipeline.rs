@@ -214,6 +214,7 @@ impl BatchDecoder {
 pub struct BatchStream {
     rx: mpsc::Receiver<(Batch, SourceState)>,
     state: SourceState,
+    kafka: Option<crate::source::KafkaHandle>,
 }
 
 impl BatchStream {
@@ -229,16 +230,21 @@ impl BatchStream {
         self.rx.len()
     }
 
+    /// The Kafka source's handle (offset commits, connection state), for a Kafka source.
+    pub fn kafka(&self) -> Option<crate::source::KafkaHandle> {
+        self.kafka.clone()
+    }
+
     /// Resume point covering every batch returned so far (and the rejects before them):
     /// store it in checkpoints and pass it back to the source on restart.
     pub fn state(&self) -> &SourceState {
         &self.state
     }
 
-    /// Build the whole data path from config: object-store source (resumed from `resume`) →
-    /// decode/augment → batches. Must be called inside a tokio runtime.
+    /// Build the whole data path from config: object-store or Kafka source (resumed from
+    /// `resume`) → decode/augment → batches. Must be called inside a tokio runtime.
     pub fn from_config(
-        source: crate::source::ObjectStoreSourceConfig,
+        source: crate::source::SourceConfig,
         cfg: PipelineConfig,
         metrics: DataMetrics,
         resume: SourceState,
@@ -247,16 +253,38 @@ impl BatchStream {
         // Validate before starting the source so a bad config starts nothing.
         BatchDecoder::new(cfg.clone())?;
         let dead_letter = match &cfg.dead_letter {
-            Some(d) => {
-                let (store, prefix) = crate::source::open_store(&d.url, &d.options)?;
-                Some(DeadLetter::new(store, prefix))
-            }
+            Some(d) => match (&d.url, &d.kafka) {
+                (_, Some(k)) => Some(DeadLetter::kafka(
+                    crate::sink::kafka::KafkaDeadLetter::open(k)
+                        .map_err(|e| PipelineError::Config(e.to_string()))?,
+                )),
+                (Some(url), None) => {
+                    let (store, prefix) = crate::source::open_store(url, &d.options)?;
+                    Some(DeadLetter::new(store, prefix))
+                }
+                (None, None) => {
+                    return Err(PipelineError::Config(
+                        "pipeline.dead_letter needs `url` or `kafka`".into(),
+                    ))
+                }
+            },
             None => None,
         };
-        let src =
-            crate::source::ObjectStoreSource::from_config(source)?.with_metrics(metrics.clone());
-        let rx = src.spawn(resume.clone(), cancel.clone());
-        Self::spawn(rx, cfg, metrics, dead_letter, resume, cancel)
+        let (rx, kafka) = match source {
+            crate::source::SourceConfig::ObjectStore(s) => {
+                let src =
+                    crate::source::ObjectStoreSource::from_config(s)?.with_metrics(metrics.clone());
+                (src.spawn(resume.clone(), cancel.clone()), None)
+            }
+            crate::source::SourceConfig::Kafka(k) => {
+                let src = crate::source::KafkaSource::new(k, metrics.clone())?;
+                let (rx, h) = src.spawn(&resume, cancel.clone())?;
+                (rx, Some(h))
+            }
+        };
+        let mut s = Self::spawn(rx, cfg, metrics, dead_letter, resume, cancel)?;
+        s.kafka = kafka;
+        Ok(s)
     }
 
     /// Start decoding `source` (a source's receiver) into batches. The decode runs on its own
@@ -293,7 +321,11 @@ impl BatchStream {
             cancel,
         };
         tokio::spawn(stage.run());
-        Ok(BatchStream { rx, state: resume })
+        Ok(BatchStream {
+            rx,
+            state: resume,
+            kafka: None,
+        })
     }
 }
 
@@ -305,9 +337,12 @@ fn spawn_dead_letter(
     let (tx, mut rx) = mpsc::channel::<RejectedRecord>(cap);
     tokio::spawn(async move {
         while let Some(r) = rx.recv().await {
-            if let Err(e) = dl.write(&r).await {
-                metrics.deadletter_dropped.inc();
-                tracing::warn!(key = %r.key, "dead-letter write failed: {e}");
+            match dl.write(&r).await {
+                Ok(()) => metrics.deadletter_written.inc(),
+                Err(e) => {
+                    metrics.deadletter_dropped.inc();
+                    tracing::warn!(key = %r.key, "dead-letter write failed: {e}");
+                }
             }
         }
     });

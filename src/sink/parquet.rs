@@ -155,6 +155,10 @@ pub enum SinkError {
     BadUrl { url: String, message: String },
     #[error("parquet sink config `{field}`: {message}")]
     Config { field: String, message: String },
+    #[error("config field `{field}`: {message}")]
+    KafkaConfig { field: String, message: String },
+    #[error("kafka sink, topic `{topic}`: {message}")]
+    Kafka { topic: String, message: String },
     #[error("parquet sink: bad embedding batch: {0}")]
     BadBatch(String),
     #[error("parquet sink `{url}`: cannot write `{file}`: {message} (the rows of this file since its last publish are lost; check that the location is writable)")]

@@ -2,7 +2,7 @@
 //! and several pipelines in one process do not collide).
 
 use super::{RejectReason, RejectedRecord};
-use prometheus::{IntCounter, IntCounterVec, IntGauge, Opts, Registry};
+use prometheus::{IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry};
 
 /// Counters for records read, rejected (by reason), decoded and batches out.
 #[derive(Clone, Debug)]
@@ -27,6 +27,17 @@ pub struct DataMetrics {
     pub lag_shards: IntGauge,
     /// `odcd_source_lag_bytes`: the size of those shards (the current one counted whole).
     pub lag_bytes: IntGauge,
+    /// `odcd_source_lag_records{topic,partition}`: Kafka high watermark minus the consumer's
+    /// position.
+    pub source_lag: IntGaugeVec,
+    /// `odcd_source_rebalances_total`: Kafka consumer-group rebalances (assign and revoke).
+    pub source_rebalances: IntCounter,
+    /// `odcd_source_commits_total`: Kafka offset commits that succeeded.
+    pub source_commits: IntCounter,
+    /// `odcd_source_commit_failures_total`: Kafka offset commits that failed.
+    pub source_commit_failures: IntCounter,
+    /// `odcd_deadletter_records_total`: rejects written to the dead-letter store or topic.
+    pub deadletter_written: IntCounter,
 }
 
 impl DataMetrics {
@@ -54,6 +65,14 @@ impl DataMetrics {
             registry.register(Box::new(g.clone()))?;
             Ok(g)
         };
+        let source_lag = IntGaugeVec::new(
+            Opts::new(
+                "odcd_source_lag_records",
+                "Kafka source: high watermark minus the consumer position, per partition",
+            ),
+            &["topic", "partition"],
+        )?;
+        registry.register(Box::new(source_lag.clone()))?;
         Ok(DataMetrics {
             lag_shards: gauge(
                 "odcd_source_lag_shards",
@@ -64,6 +83,23 @@ impl DataMetrics {
                 "Bytes of the object-store shards not yet read to their end",
             )?,
             rejected,
+            source_lag,
+            source_rebalances: counter(
+                "odcd_source_rebalances_total",
+                "Kafka consumer-group rebalances (assign and revoke)",
+            )?,
+            source_commits: counter(
+                "odcd_source_commits_total",
+                "Kafka offset commits that succeeded",
+            )?,
+            source_commit_failures: counter(
+                "odcd_source_commit_failures_total",
+                "Kafka offset commits that failed",
+            )?,
+            deadletter_written: counter(
+                "odcd_deadletter_records_total",
+                "Rejected records written to the dead-letter store or topic",
+            )?,
             records_read: counter("odcd_records_read_total", "Records yielded by sources")?,
             records_decoded: counter(
                 "odcd_records_decoded_total",

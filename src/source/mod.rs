@@ -5,15 +5,68 @@
 
 mod config;
 pub mod deadletter;
+pub mod kafka;
 pub mod metrics;
 mod object_store;
 mod state;
 pub mod webdataset;
 
 pub use self::config::{default_store_options, open_store, ObjectStoreSourceConfig, SourceMode};
+pub use self::kafka::{KafkaHandle, KafkaSource, KafkaSourceConfig};
 pub use self::metrics::DataMetrics;
 pub use self::object_store::{ObjectStoreSource, SourceError};
 pub use self::state::SourceState;
+
+/// `[source]`: object-store shards (the default, `kind` absent or `"object_store"`) or Kafka
+/// (`kind = "kafka"`). Object-store configs keep their original form (no `kind` field).
+#[derive(Debug, Clone)]
+pub enum SourceConfig {
+    ObjectStore(ObjectStoreSourceConfig),
+    Kafka(KafkaSourceConfig),
+}
+
+impl<'de> Deserialize<'de> for SourceConfig {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        use serde::de::Error;
+        let mut t = toml::Table::deserialize(d)?;
+        let kind = match t.remove("kind") {
+            None => "object_store".to_string(),
+            Some(toml::Value::String(s)) => s,
+            Some(other) => {
+                return Err(D::Error::custom(format!(
+                "source.kind = {other} must be a string: \"object_store\" (default) or \"kafka\""
+            )))
+            }
+        };
+        match kind.as_str() {
+            "object_store" => t
+                .try_into()
+                .map(SourceConfig::ObjectStore)
+                .map_err(|e| D::Error::custom(format!("[source]: {e}"))),
+            "kafka" => t
+                .try_into()
+                .map(SourceConfig::Kafka)
+                .map_err(|e| D::Error::custom(format!("[source] (kind = \"kafka\"): {e}"))),
+            other => Err(D::Error::custom(format!(
+                "source.kind = {other:?} is unknown: use \"object_store\" (default) or \"kafka\""
+            ))),
+        }
+    }
+}
+
+impl Serialize for SourceConfig {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::Error;
+        match self {
+            SourceConfig::ObjectStore(c) => c.serialize(s),
+            SourceConfig::Kafka(c) => {
+                let mut t = toml::Table::try_from(c).map_err(S::Error::custom)?;
+                t.insert("kind".into(), toml::Value::String("kafka".into()));
+                t.serialize(s)
+            }
+        }
+    }
+}
 
 use crate::record::{Position, Record};
 use bytes::Bytes;

@@ -19,6 +19,8 @@ use tokio_util::sync::CancellationToken;
 pub enum SourceError {
     #[error("source url {url:?} is not usable: {message} (expected file:///dir, s3://bucket/prefix, gs://..., az://..., memory:///)")]
     BadUrl { url: String, message: String },
+    #[error("config field `{field}`: {message}")]
+    KafkaConfig { field: String, message: String },
     #[error("listing shards under {prefix:?} failed: {source} (check credentials, endpoint and that the prefix exists)")]
     List {
         prefix: String,

@@ -1,6 +1,8 @@
 //! Helpers for the integration tests that run the real `odcd` binary.
 #![allow(dead_code)]
 
+pub mod kafka;
+
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};

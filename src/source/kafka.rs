@@ -1,0 +1,983 @@
+//! Kafka source: one message = one image (key = sample key, optional class-label and
+//! content-type headers) or one whole WebDataset tar shard, read by a consumer group.
+//!
+//! Positions are partition offsets ([`Position::Kafka`]); the consumer of the items keeps them
+//! in [`SourceState::kafka`] and stores them in checkpoints. Offsets are committed to Kafka only
+//! through [`KafkaHandle::commit`], which the daemon calls once the checkpoint that covers them is
+//! durable (and `odcd embed` once the outputs of a batch are delivered), so a restart neither
+//! loses nor skips records. On (re)assignment a partition resumes from the position in the
+//! checkpoint, else from the committed offset, else from `start`.
+//!
+//! Broker outages are librdkafka's to ride out (it reconnects with backoff); the source reports
+//! the connection state ([`KafkaHandle::connected`], shown by `/readyz`) and never ends on an
+//! error. Consumer lag per partition is exported as `odcd_source_lag_records{topic,partition}`.
+
+// `SourceItem`'s Err is no larger than its Ok; boxing it would only add an allocation.
+#![allow(clippy::result_large_err)]
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use rdkafka::client::ClientContext;
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{
+    BaseConsumer, CommitMode, Consumer, ConsumerContext, ConsumerGroupMetadata, StreamConsumer,
+};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::{Headers, Message};
+use rdkafka::statistics::Statistics;
+use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
+use rdkafka::types::RDKafkaRespErr;
+use serde::{Deserialize, Serialize};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use super::webdataset::{read_shard, ReadOptions, TransportFault};
+use super::{DataMetrics, RejectReason, RejectedRecord, SourceError, SourceItem, SourceState};
+use crate::record::{Position, Record};
+
+/// What one Kafka message holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MessageFormat {
+    /// One encoded image (jpg/png/webp); key = sample key.
+    #[default]
+    Image,
+    /// One WebDataset tar shard (plain or gzip), read like an object-store shard.
+    Shard,
+}
+
+/// Where a partition with neither a checkpointed nor a committed offset starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StartFrom {
+    #[default]
+    Earliest,
+    Latest,
+}
+
+/// `[source]` with `kind = "kafka"`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KafkaSourceConfig {
+    /// Bootstrap brokers, `host:port[,host:port...]` (librdkafka `bootstrap.servers`).
+    pub brokers: String,
+    /// Topics to consume.
+    pub topics: Vec<String>,
+    /// Consumer group: processes with the same group share the partitions.
+    pub group_id: String,
+    /// `image` (one image per message) or `shard` (one tar shard per message).
+    #[serde(default)]
+    pub message_format: MessageFormat,
+    /// Header holding an optional integer class label (evaluation only).
+    #[serde(default = "default_label_header")]
+    pub label_header: String,
+    /// Header holding an optional content type (`image/png`, `image/jpeg`, `image/webp`);
+    /// without it the format is sniffed from the bytes.
+    #[serde(default = "default_content_type_header")]
+    pub content_type_header: String,
+    /// `earliest` or `latest`: where a partition with no checkpointed or committed offset starts.
+    #[serde(default)]
+    pub start: StartFrom,
+    /// librdkafka properties passed through (`security.protocol`, `sasl.mechanisms`,
+    /// `ssl.ca.location`, `session.timeout.ms`, ...). Never put secrets here.
+    #[serde(default)]
+    pub options: BTreeMap<String, String>,
+    /// librdkafka properties read from environment variables: property = variable name,
+    /// e.g. `{ "sasl.password" = "ODCD_KAFKA_PASSWORD" }`.
+    #[serde(default)]
+    pub options_env: BTreeMap<String, String>,
+    /// Larger messages (or tar members of a shard message) are rejected as `too_large`.
+    #[serde(default = "default_max_message_bytes")]
+    pub max_message_bytes: u64,
+    /// Items buffered between the source and the decoder (backpressure bound).
+    #[serde(default = "default_channel_capacity")]
+    pub channel_capacity: usize,
+    /// How often the lag and the broker connection state are refreshed (librdkafka statistics).
+    #[serde(default = "default_stats_interval_ms")]
+    pub stats_interval_ms: u64,
+    /// First wait after a consumer error; doubles on each further error up to 30 s.
+    #[serde(default = "default_retry_backoff_ms")]
+    pub retry_backoff_ms: u64,
+}
+
+fn default_label_header() -> String {
+    "class_label".into()
+}
+fn default_content_type_header() -> String {
+    "content_type".into()
+}
+fn default_max_message_bytes() -> u64 {
+    32 << 20
+}
+fn default_channel_capacity() -> usize {
+    1024
+}
+fn default_stats_interval_ms() -> u64 {
+    1000
+}
+fn default_retry_backoff_ms() -> u64 {
+    500
+}
+
+/// Properties odcd manages itself; setting them in `options` would break the offset contract.
+const RESERVED: [&str; 4] = [
+    "enable.auto.commit",
+    "enable.auto.offset.store",
+    "group.id",
+    "bootstrap.servers",
+];
+
+impl KafkaSourceConfig {
+    /// A config with defaults for everything but brokers, topics and group.
+    pub fn new(brokers: &str, topics: &[&str], group_id: &str) -> Self {
+        KafkaSourceConfig {
+            brokers: brokers.into(),
+            topics: topics.iter().map(|t| t.to_string()).collect(),
+            group_id: group_id.into(),
+            message_format: MessageFormat::Image,
+            label_header: default_label_header(),
+            content_type_header: default_content_type_header(),
+            start: StartFrom::Earliest,
+            options: BTreeMap::new(),
+            options_env: BTreeMap::new(),
+            max_message_bytes: default_max_message_bytes(),
+            channel_capacity: default_channel_capacity(),
+            stats_interval_ms: default_stats_interval_ms(),
+            retry_backoff_ms: default_retry_backoff_ms(),
+        }
+    }
+
+    /// Field checks; errors name the field under `source.`.
+    pub fn validate(&self) -> Result<(), SourceError> {
+        let bad = |field: &str, message: String| {
+            Err(SourceError::KafkaConfig {
+                field: format!("source.{field}"),
+                message,
+            })
+        };
+        if self.brokers.trim().is_empty() {
+            return bad("brokers", "is empty: give host:port[,host:port]".into());
+        }
+        if self.topics.is_empty() || self.topics.iter().any(|t| t.trim().is_empty()) {
+            return bad("topics", "needs at least one non-empty topic name".into());
+        }
+        if self.group_id.trim().is_empty() {
+            return bad("group_id", "is empty: name the consumer group".into());
+        }
+        if self.channel_capacity == 0 || self.stats_interval_ms == 0 || self.max_message_bytes == 0
+        {
+            return bad(
+                "channel_capacity",
+                "channel_capacity, stats_interval_ms and max_message_bytes must be > 0".into(),
+            );
+        }
+        for k in self.options.keys().chain(self.options_env.keys()) {
+            if RESERVED.contains(&k.as_str()) {
+                return bad(
+                    "options",
+                    format!("`{k}` is set by odcd (brokers, group_id, and manual commits after checkpoints): remove it"),
+                );
+            }
+        }
+        client_config(
+            &self.brokers,
+            &self.options,
+            &self.options_env,
+            "source.options_env",
+        )?;
+        Ok(())
+    }
+}
+
+/// A librdkafka client config: brokers, then `options`, then `options_env` (property =
+/// environment variable); a missing variable is an error naming `env_field`.
+pub fn client_config(
+    brokers: &str,
+    options: &BTreeMap<String, String>,
+    options_env: &BTreeMap<String, String>,
+    env_field: &str,
+) -> Result<ClientConfig, SourceError> {
+    let mut c = ClientConfig::new();
+    c.set("bootstrap.servers", brokers);
+    for (k, v) in options {
+        c.set(k, v);
+    }
+    for (k, var) in options_env {
+        let v = std::env::var(var).map_err(|_| SourceError::KafkaConfig {
+            field: format!("{env_field}.\"{k}\""),
+            message: format!("environment variable {var} is not set (or not UTF-8): export it"),
+        })?;
+        c.set(k, v);
+    }
+    Ok(c)
+}
+
+/// Where the consumer stands on one partition, kept in [`SourceState::kafka`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PartitionMark {
+    /// Offset of the last message consumed (fully, for `image` messages).
+    pub offset: i64,
+    /// Items of that message consumed so far (a `shard` message yields several).
+    pub records: u64,
+}
+
+impl PartitionMark {
+    /// Offset to resume from and items of that message to skip.
+    pub fn resume(&self, format: MessageFormat) -> (i64, u64) {
+        match format {
+            MessageFormat::Image => (self.offset + 1, 0),
+            MessageFormat::Shard => (self.offset, self.records),
+        }
+    }
+
+    /// Offset to commit to Kafka for this mark (the next message to read). For a shard
+    /// message, its own offset: a restart without the checkpoint re-reads it (at-least-once).
+    pub fn commit_offset(&self, format: MessageFormat) -> i64 {
+        match format {
+            MessageFormat::Image => self.offset + 1,
+            MessageFormat::Shard => self.offset,
+        }
+    }
+}
+
+/// State shared between the consumer's callbacks, the source task and [`KafkaHandle`].
+struct Shared {
+    format: MessageFormat,
+    /// Positions from the checkpoint, used the first time a partition is assigned.
+    resume: Mutex<HashMap<(String, i32), PartitionMark>>,
+    /// Items of a shard message to skip on resume: (topic, partition) → (offset, items).
+    skip: Mutex<HashMap<(String, i32), (i64, u64)>>,
+    connected: AtomicBool,
+    metrics: DataMetrics,
+}
+
+impl Shared {
+    fn set_connected(&self, v: bool) {
+        let was = self.connected.swap(v, Ordering::Relaxed);
+        if was != v {
+            if v {
+                tracing::info!("kafka source: connected to the brokers");
+            } else {
+                tracing::warn!("kafka source: lost the brokers; librdkafka keeps retrying");
+            }
+        }
+    }
+}
+
+/// Consumer callbacks: assignment from checkpoints, statistics (lag, connection), errors.
+struct Ctx {
+    shared: Arc<Shared>,
+}
+
+impl ClientContext for Ctx {
+    fn stats(&self, stats: Statistics) {
+        let up = stats.brokers.values().any(|b| b.state == "UP");
+        self.shared.set_connected(up);
+        for (topic, t) in &stats.topics {
+            for (p, part) in &t.partitions {
+                if *p < 0 || !part.desired {
+                    continue;
+                }
+                let pos = if part.app_offset >= 0 {
+                    part.app_offset
+                } else {
+                    part.committed_offset
+                };
+                if part.hi_offset < 0 || pos < 0 {
+                    continue;
+                }
+                self.shared
+                    .metrics
+                    .source_lag
+                    .with_label_values(&[topic.as_str(), &p.to_string()])
+                    .set((part.hi_offset - pos).max(0));
+            }
+        }
+    }
+
+    fn error(&self, error: KafkaError, reason: &str) {
+        let down = matches!(
+            error.rdkafka_error_code(),
+            Some(RDKafkaErrorCode::AllBrokersDown)
+                | Some(RDKafkaErrorCode::BrokerTransportFailure)
+                | Some(RDKafkaErrorCode::OperationTimedOut)
+                | Some(RDKafkaErrorCode::RequestTimedOut)
+        );
+        if down {
+            self.shared.set_connected(false);
+        }
+        tracing::warn!("kafka source: {error}: {reason}");
+    }
+}
+
+impl ConsumerContext for Ctx {
+    fn rebalance(
+        &self,
+        consumer: &BaseConsumer<Self>,
+        err: RDKafkaRespErr,
+        tpl: &mut TopicPartitionList,
+    ) {
+        self.shared.metrics.source_rebalances.inc();
+        match err {
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
+                let mut resume = self.shared.resume.lock().unwrap_or_else(|p| p.into_inner());
+                let mut skip = self.shared.skip.lock().unwrap_or_else(|p| p.into_inner());
+                let mut assigned = Vec::new();
+                for el in tpl.elements() {
+                    let key = (el.topic().to_string(), el.partition());
+                    // The checkpoint's position wins the first time; later (re)assignments
+                    // start from the committed offset, which follows the checkpoints.
+                    let from = match resume.remove(&key) {
+                        Some(m) => {
+                            let (off, n) = m.resume(self.shared.format);
+                            if n > 0 {
+                                skip.insert(key.clone(), (off, n));
+                            }
+                            Some(off)
+                        }
+                        None => None,
+                    };
+                    assigned.push((key, from));
+                }
+                for ((topic, p), from) in &assigned {
+                    if let Some(off) = from {
+                        if let Err(e) = tpl.set_partition_offset(topic, *p, Offset::Offset(*off)) {
+                            tracing::error!(
+                                "kafka source: cannot resume {topic}/{p} at {off}: {e}"
+                            );
+                        }
+                    }
+                }
+                tracing::info!(partitions = ?assigned, "kafka source: partitions assigned (offset from the checkpoint, else committed)");
+                if let Err(e) = consumer.assign(tpl) {
+                    tracing::error!("kafka source: assign failed: {e}");
+                }
+            }
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => {
+                // Items already handed downstream are still trained / embedded; their offsets
+                // are committed with the next durable checkpoint while we still own the
+                // partition, otherwise the new owner re-reads them (at-least-once).
+                let parts: Vec<String> = tpl
+                    .elements()
+                    .iter()
+                    .map(|e| format!("{}/{}", e.topic(), e.partition()))
+                    .collect();
+                tracing::info!(partitions = ?parts, "kafka source: partitions revoked");
+                for el in tpl.elements() {
+                    let _ = self
+                        .shared
+                        .metrics
+                        .source_lag
+                        .remove_label_values(&[el.topic(), &el.partition().to_string()]);
+                }
+                if let Err(e) = consumer.unassign() {
+                    tracing::error!("kafka source: unassign failed: {e}");
+                }
+            }
+            other => {
+                tracing::error!("kafka source: rebalance error {other:?}; unassigning");
+                let _ = consumer.unassign();
+            }
+        }
+    }
+
+    fn commit_callback(
+        &self,
+        result: rdkafka::error::KafkaResult<()>,
+        offsets: &TopicPartitionList,
+    ) {
+        match result {
+            Ok(()) => {
+                self.shared.metrics.source_commits.inc();
+                tracing::debug!(?offsets, "kafka source: offsets committed");
+            }
+            Err(e) => {
+                self.shared.metrics.source_commit_failures.inc();
+                tracing::warn!(
+                    "kafka source: offset commit failed (retried with the next checkpoint): {e}"
+                );
+            }
+        }
+    }
+}
+
+type Consumer_ = StreamConsumer<Ctx>;
+
+/// Control of a running Kafka source: commit offsets covered by durable state, connection state,
+/// group metadata for transactions.
+#[derive(Clone)]
+pub struct KafkaHandle {
+    consumer: Arc<Consumer_>,
+    shared: Arc<Shared>,
+}
+
+impl KafkaHandle {
+    /// True while a broker connection is up.
+    pub fn connected(&self) -> bool {
+        self.shared.connected.load(Ordering::Relaxed)
+    }
+
+    /// The offsets `state` covers, for the partitions this consumer owns now (committing a
+    /// partition another member owns would rewind it).
+    pub fn offsets(&self, state: &SourceState) -> TopicPartitionList {
+        let owned = self.consumer.assignment().unwrap_or_default();
+        let mut tpl = TopicPartitionList::new();
+        for el in owned.elements() {
+            if let Some(m) = state
+                .kafka
+                .get(el.topic())
+                .and_then(|t| t.get(&el.partition()))
+            {
+                let _ = tpl.add_partition_offset(
+                    el.topic(),
+                    el.partition(),
+                    Offset::Offset(m.commit_offset(self.shared.format)),
+                );
+            }
+        }
+        tpl
+    }
+
+    /// Commit (asynchronously) the offsets covered by `state`: call it only once `state` is
+    /// durable (a checkpoint written, or the outputs of the items delivered). Failures are
+    /// counted and logged; the next call commits again.
+    pub fn commit(&self, state: &SourceState) {
+        let tpl = self.offsets(state);
+        if tpl.count() == 0 {
+            return;
+        }
+        if let Err(e) = self.consumer.commit(&tpl, CommitMode::Async) {
+            self.shared.metrics.source_commit_failures.inc();
+            tracing::warn!("kafka source: offset commit failed: {e}");
+        }
+    }
+
+    /// Commit synchronously (for `odcd embed`, which must know the commit landed).
+    pub fn commit_sync(&self, state: &SourceState) -> Result<(), KafkaError> {
+        let tpl = self.offsets(state);
+        if tpl.count() == 0 {
+            return Ok(());
+        }
+        self.consumer.commit(&tpl, CommitMode::Sync)?;
+        self.shared.metrics.source_commits.inc();
+        Ok(())
+    }
+
+    /// Consumer group metadata (for `send_offsets_to_transaction`).
+    pub fn group_metadata(&self) -> Option<ConsumerGroupMetadata> {
+        self.consumer.group_metadata()
+    }
+
+    /// Keep `/readyz`'s source flag in step with the connection state until `cancel` fires.
+    pub fn report_to(&self, health: crate::metrics::Health, cancel: CancellationToken) {
+        let h = self.clone();
+        tokio::spawn(async move {
+            loop {
+                health.set_source_ok(h.connected());
+                tokio::select! {
+                    _ = cancel.cancelled() => return,
+                    _ = tokio::time::sleep(Duration::from_millis(250)) => {}
+                }
+            }
+        });
+    }
+}
+
+/// A consumer-group source over Kafka topics.
+pub struct KafkaSource {
+    cfg: KafkaSourceConfig,
+    metrics: DataMetrics,
+}
+
+impl KafkaSource {
+    pub fn new(cfg: KafkaSourceConfig, metrics: DataMetrics) -> Result<Self, SourceError> {
+        cfg.validate()?;
+        Ok(KafkaSource { cfg, metrics })
+    }
+
+    /// Start consuming on a tokio task, resuming from `resume.kafka`; items go to the returned
+    /// bounded channel. Runs until `cancel` fires (a Kafka source never ends by itself).
+    pub fn spawn(
+        self,
+        resume: &SourceState,
+        cancel: CancellationToken,
+    ) -> Result<(mpsc::Receiver<SourceItem>, KafkaHandle), SourceError> {
+        let cfg = self.cfg;
+        let mut marks = HashMap::new();
+        for (topic, parts) in &resume.kafka {
+            for (p, m) in parts {
+                marks.insert((topic.clone(), *p), *m);
+            }
+        }
+        let shared = Arc::new(Shared {
+            format: cfg.message_format,
+            resume: Mutex::new(marks),
+            skip: Mutex::new(HashMap::new()),
+            connected: AtomicBool::new(false),
+            metrics: self.metrics.clone(),
+        });
+        let mut cc = client_config(
+            &cfg.brokers,
+            &cfg.options,
+            &cfg.options_env,
+            "source.options_env",
+        )?;
+        cc.set("group.id", &cfg.group_id)
+            .set("enable.auto.commit", "false")
+            .set("enable.auto.offset.store", "false")
+            .set(
+                "auto.offset.reset",
+                match cfg.start {
+                    StartFrom::Earliest => "earliest",
+                    StartFrom::Latest => "latest",
+                },
+            )
+            .set("statistics.interval.ms", cfg.stats_interval_ms.to_string());
+        let consumer: Consumer_ = cc
+            .create_with_context(Ctx {
+                shared: shared.clone(),
+            })
+            .map_err(|e| SourceError::KafkaConfig {
+                field: "source.options".into(),
+                message: format!("librdkafka refused the consumer config: {e}"),
+            })?;
+        let topics: Vec<&str> = cfg.topics.iter().map(|s| s.as_str()).collect();
+        consumer
+            .subscribe(&topics)
+            .map_err(|e| SourceError::KafkaConfig {
+                field: "source.topics".into(),
+                message: format!("cannot subscribe to {topics:?}: {e}"),
+            })?;
+        let consumer = Arc::new(consumer);
+        let handle = KafkaHandle {
+            consumer: consumer.clone(),
+            shared: shared.clone(),
+        };
+        let (tx, rx) = mpsc::channel(cfg.channel_capacity);
+        let metrics = self.metrics;
+        tokio::spawn(async move {
+            consume(consumer, cfg, shared, metrics, tx, cancel).await;
+        });
+        Ok((rx, handle))
+    }
+}
+
+async fn consume(
+    consumer: Arc<Consumer_>,
+    cfg: KafkaSourceConfig,
+    shared: Arc<Shared>,
+    metrics: DataMetrics,
+    tx: mpsc::Sender<SourceItem>,
+    cancel: CancellationToken,
+) {
+    let base = Duration::from_millis(cfg.retry_backoff_ms.max(1));
+    let mut backoff = base;
+    loop {
+        let msg = tokio::select! {
+            _ = cancel.cancelled() => return,
+            m = consumer.recv() => m,
+        };
+        let items = match msg {
+            Ok(m) => {
+                backoff = base;
+                shared.set_connected(true);
+                message_items(&m, &cfg, &shared)
+            }
+            Err(e) => {
+                // librdkafka reconnects by itself; wait so a persistent error does not spin.
+                metrics.retries.inc();
+                tracing::warn!("kafka source: {e}; retrying in {} ms", backoff.as_millis());
+                if matches!(
+                    e.rdkafka_error_code(),
+                    Some(RDKafkaErrorCode::AllBrokersDown)
+                        | Some(RDKafkaErrorCode::BrokerTransportFailure)
+                ) {
+                    shared.set_connected(false);
+                }
+                tokio::select! {
+                    _ = cancel.cancelled() => return,
+                    _ = tokio::time::sleep(backoff) => {}
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(30));
+                continue;
+            }
+        };
+        let items = match items {
+            Parsed::Ready(items) => items,
+            Parsed::Shard {
+                payload,
+                topic,
+                partition,
+                offset,
+                skip,
+            } => {
+                let opts = ReadOptions {
+                    max_member_bytes: cfg.max_message_bytes,
+                };
+                // Tar parsing is CPU work: off the async workers.
+                let res = tokio::task::spawn_blocking(move || {
+                    shard_items(&payload, &topic, partition, offset, skip, &opts)
+                })
+                .await;
+                match res {
+                    Ok(items) => items,
+                    Err(e) => {
+                        tracing::error!("kafka source: shard reader failed: {e}");
+                        continue;
+                    }
+                }
+            }
+        };
+        for item in items {
+            metrics.records_read.inc();
+            tokio::select! {
+                _ = cancel.cancelled() => return,
+                r = tx.send(item) => if r.is_err() { return },
+            }
+        }
+    }
+}
+
+enum Parsed {
+    Ready(Vec<SourceItem>),
+    Shard {
+        payload: Bytes,
+        topic: String,
+        partition: i32,
+        offset: i64,
+        skip: u64,
+    },
+}
+
+/// Turn one message into items (or a shard to parse off the runtime).
+fn message_items<M: Message>(m: &M, cfg: &KafkaSourceConfig, shared: &Shared) -> Parsed {
+    let topic = m.topic().to_string();
+    let (partition, offset) = (m.partition(), m.offset());
+    let position = Position::Kafka {
+        topic: topic.clone(),
+        partition,
+        offset,
+    };
+    let key = match m.key() {
+        Some(k) if !k.is_empty() => String::from_utf8_lossy(k).into_owned(),
+        _ => format!("{topic}/{partition}/{offset}"),
+    };
+    let payload = Bytes::copy_from_slice(m.payload().unwrap_or_default());
+    let reject = |reason, message: String, payload: Option<Bytes>, format: Option<String>| {
+        Parsed::Ready(vec![Err(RejectedRecord {
+            key: key.clone(),
+            reason,
+            message,
+            position: position.clone(),
+            payload,
+            format,
+        })])
+    };
+    if payload.len() as u64 > cfg.max_message_bytes {
+        return reject(
+            RejectReason::TooLarge,
+            format!(
+                "message {topic}/{partition}@{offset} has {} bytes, more than source.max_message_bytes = {}",
+                payload.len(),
+                cfg.max_message_bytes
+            ),
+            None,
+            None,
+        );
+    }
+    if cfg.message_format == MessageFormat::Shard {
+        let skip = {
+            let mut s = shared.skip.lock().unwrap_or_else(|p| p.into_inner());
+            match s.remove(&(topic.clone(), partition)) {
+                Some((o, n)) if o == offset => n,
+                Some(other) if other.0 > offset => {
+                    s.insert((topic.clone(), partition), other);
+                    0
+                }
+                _ => 0,
+            }
+        };
+        return Parsed::Shard {
+            payload,
+            topic,
+            partition,
+            offset,
+            skip,
+        };
+    }
+    let mut label = None;
+    let mut content_type = None;
+    if let Some(h) = m.headers() {
+        for i in 0..h.count() {
+            let hd = h.get(i);
+            let v = hd
+                .value
+                .map(|v| String::from_utf8_lossy(v).trim().to_string());
+            if hd.key == cfg.label_header {
+                label = v;
+            } else if hd.key == cfg.content_type_header {
+                content_type = v;
+            }
+        }
+    }
+    let format = content_type
+        .as_deref()
+        .and_then(format_from_content_type)
+        .or_else(|| sniff_format(&payload))
+        .unwrap_or("bin")
+        .to_string();
+    if payload.is_empty() {
+        return reject(
+            RejectReason::MissingImage,
+            format!("message {topic}/{partition}@{offset} has no payload (tombstone?)"),
+            None,
+            None,
+        );
+    }
+    let class_label = match label.as_deref() {
+        None | Some("") => None,
+        Some(s) => match s.parse::<i64>() {
+            Ok(v) => Some(v),
+            Err(_) => {
+                return reject(
+                    RejectReason::BadLabel,
+                    format!(
+                    "header `{}` of message {topic}/{partition}@{offset} is {s:?}, not an integer",
+                    cfg.label_header
+                ),
+                    Some(payload),
+                    Some(format),
+                )
+            }
+        },
+    };
+    Parsed::Ready(vec![Ok(Record {
+        key,
+        image: payload,
+        format,
+        class_label,
+        position,
+    })])
+}
+
+/// Items of a tar shard held in one message, positions rewritten to the message's offset;
+/// the first `skip` items (consumed before a restart) are dropped.
+fn shard_items(
+    payload: &[u8],
+    topic: &str,
+    partition: i32,
+    offset: i64,
+    skip: u64,
+    opts: &ReadOptions,
+) -> Vec<SourceItem> {
+    let name = format!("{topic}/{partition}@{offset}");
+    let mut out = Vec::new();
+    let mut n = 0u64;
+    let fault = TransportFault::default();
+    read_shard(std::io::Cursor::new(payload), &name, opts, &fault, |item| {
+        n += 1;
+        if n > skip {
+            let pos = Position::Kafka {
+                topic: topic.to_string(),
+                partition,
+                offset,
+            };
+            out.push(match item {
+                Ok(mut r) => {
+                    r.position = pos;
+                    Ok(r)
+                }
+                Err(mut r) => {
+                    r.position = pos;
+                    Err(r)
+                }
+            });
+        }
+        std::ops::ControlFlow::Continue(())
+    });
+    out
+}
+
+/// `image/png` → `png`, ... (parameters after `;` ignored).
+fn format_from_content_type(ct: &str) -> Option<&'static str> {
+    let base = ct
+        .split(';')
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_ascii_lowercase();
+    match base.as_str() {
+        "image/png" => Some("png"),
+        "image/jpeg" | "image/jpg" => Some("jpg"),
+        "image/webp" => Some("webp"),
+        _ => None,
+    }
+}
+
+/// Format from magic bytes.
+fn sniff_format(b: &[u8]) -> Option<&'static str> {
+    if b.starts_with(b"\x89PNG\r\n\x1a\n") {
+        Some("png")
+    } else if b.starts_with(&[0xff, 0xd8, 0xff]) {
+        Some("jpg")
+    } else if b.len() >= 12 && &b[0..4] == b"RIFF" && &b[8..12] == b"WEBP" {
+        Some("webp")
+    } else {
+        None
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rdkafka::message::{Header, OwnedHeaders, OwnedMessage, Timestamp};
+
+    fn shared(format: MessageFormat) -> Shared {
+        Shared {
+            format,
+            resume: Mutex::new(HashMap::new()),
+            skip: Mutex::new(HashMap::new()),
+            connected: AtomicBool::new(false),
+            metrics: DataMetrics::register(&prometheus::Registry::new()).expect("metrics"),
+        }
+    }
+
+    fn msg(key: Option<&[u8]>, payload: &[u8], headers: &[(&str, &str)]) -> OwnedMessage {
+        let mut h = OwnedHeaders::new();
+        for (k, v) in headers {
+            h = h.insert(Header {
+                key: k,
+                value: Some(v.as_bytes()),
+            });
+        }
+        OwnedMessage::new(
+            Some(payload.to_vec()),
+            key.map(|k| k.to_vec()),
+            "images".into(),
+            Timestamp::NotAvailable,
+            2,
+            41,
+            Some(h),
+        )
+    }
+
+    fn one(p: Parsed) -> SourceItem {
+        match p {
+            Parsed::Ready(mut v) if v.len() == 1 => v.remove(0),
+            _ => panic!("expected one item"),
+        }
+    }
+
+    #[test]
+    fn image_message_becomes_a_record_with_label_and_position() {
+        let cfg = KafkaSourceConfig::new("x:1", &["images"], "g");
+        let png = b"\x89PNG\r\n\x1a\nrest";
+        let m = msg(Some(b"sample-1"), png, &[("class_label", "7")]);
+        let r = one(message_items(&m, &cfg, &shared(MessageFormat::Image))).expect("record");
+        assert_eq!(r.key, "sample-1");
+        assert_eq!(r.class_label, Some(7));
+        assert_eq!(r.format, "png");
+        assert_eq!(
+            r.position,
+            Position::Kafka {
+                topic: "images".into(),
+                partition: 2,
+                offset: 41
+            }
+        );
+        // No key: topic/partition/offset; content type header names the format.
+        let m = msg(None, b"abc", &[("content_type", "image/jpeg")]);
+        let r = one(message_items(&m, &cfg, &shared(MessageFormat::Image))).expect("record");
+        assert_eq!((r.key.as_str(), r.format.as_str()), ("images/2/41", "jpg"));
+    }
+
+    #[test]
+    fn bad_label_empty_and_oversized_messages_are_rejected_with_a_reason() {
+        let mut cfg = KafkaSourceConfig::new("x:1", &["images"], "g");
+        let m = msg(Some(b"k"), b"img", &[("class_label", "seven")]);
+        let e = one(message_items(&m, &cfg, &shared(MessageFormat::Image))).err();
+        assert_eq!(e.map(|e| e.reason), Some(RejectReason::BadLabel));
+        let m = msg(Some(b"k"), b"", &[]);
+        let e = one(message_items(&m, &cfg, &shared(MessageFormat::Image))).err();
+        assert_eq!(e.map(|e| e.reason), Some(RejectReason::MissingImage));
+        cfg.max_message_bytes = 2;
+        let m = msg(Some(b"k"), b"img", &[]);
+        let e = one(message_items(&m, &cfg, &shared(MessageFormat::Image))).err();
+        assert_eq!(e.map(|e| e.reason), Some(RejectReason::TooLarge));
+    }
+
+    #[test]
+    fn shard_message_yields_its_records_and_skips_consumed_ones() {
+        let mut tar = tar::Builder::new(Vec::new());
+        for (name, data) in [("a.png", &b"A"[..]), ("a.cls", b"1"), ("b.png", b"B")] {
+            let mut h = tar::Header::new_gnu();
+            h.set_size(data.len() as u64);
+            h.set_mode(0o644);
+            h.set_cksum();
+            tar.append_data(&mut h, name, data).expect("append");
+        }
+        let bytes = tar.into_inner().expect("tar");
+        let opts = ReadOptions::default();
+        let all = shard_items(&bytes, "t", 0, 5, 0, &opts);
+        let keys: Vec<String> = all
+            .iter()
+            .filter_map(|i| i.as_ref().ok().map(|r| r.key.clone()))
+            .collect();
+        assert_eq!(keys, ["a", "b"]);
+        assert!(all.iter().all(|i| matches!(
+            i.as_ref().map(|r| &r.position),
+            Ok(Position::Kafka { offset: 5, .. })
+        )));
+        let rest = shard_items(&bytes, "t", 0, 5, 1, &opts);
+        assert_eq!(rest.len(), 1);
+        assert_eq!(rest[0].as_ref().map(|r| r.key.as_str()).ok(), Some("b"));
+    }
+
+    #[test]
+    fn marks_resume_and_commit_per_format() {
+        let m = PartitionMark {
+            offset: 9,
+            records: 3,
+        };
+        assert_eq!(m.resume(MessageFormat::Image), (10, 0));
+        assert_eq!(m.commit_offset(MessageFormat::Image), 10);
+        assert_eq!(m.resume(MessageFormat::Shard), (9, 3));
+        assert_eq!(m.commit_offset(MessageFormat::Shard), 9);
+    }
+
+    #[test]
+    fn config_errors_name_the_field() {
+        let mut c = KafkaSourceConfig::new("", &["t"], "g");
+        let e = c
+            .validate()
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(e.contains("source.brokers"), "{e}");
+        c.brokers = "h:1".into();
+        c.options.insert("enable.auto.commit".into(), "true".into());
+        let e = c
+            .validate()
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(
+            e.contains("source.options") && e.contains("enable.auto.commit"),
+            "{e}"
+        );
+        c.options.clear();
+        c.options_env
+            .insert("sasl.password".into(), "ODCD_TEST_SURELY_UNSET_VAR".into());
+        let e = c
+            .validate()
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(e.contains("ODCD_TEST_SURELY_UNSET_VAR"), "{e}");
+    }
+}
