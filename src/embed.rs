@@ -179,6 +179,10 @@ pub async fn embed(
             })?;
             sink.write_transaction(out, src.offsets(&state), group)
                 .await?;
+        } else if sink.kafka().is_none() {
+            // Parquet only: rows are durable when their file is published, at the latest at
+            // close, so the offsets are committed after the close below (a crash re-reads).
+            sink.write(out).await?;
         } else {
             sink.write(out).await?;
             if let Some(k) = sink.kafka() {
@@ -200,7 +204,16 @@ pub async fn embed(
             })?;
         }
     }
+    let has_kafka_sink = sink.kafka().is_some();
     sink.close().await?;
+    if let (Some(src), false) = (&kafka_src, has_kafka_sink) {
+        src.commit_sync(stream.state()).map_err(|e| {
+            RunError::Sink(crate::sink::SinkError::Kafka {
+                topic: "(source)".into(),
+                message: format!("cannot commit the input offsets: {e}"),
+            })
+        })?;
+    }
     Ok(EmbedSummary {
         step: ckpt.step,
         rows,

@@ -399,22 +399,25 @@ impl KafkaSink {
             )));
         }
         for (i, key) in b.keys.iter().enumerate() {
-            let v = EmbeddingValue {
-                step: b.step,
-                cluster: b.clusters.get(i).copied().flatten(),
-                class_label: b.class_labels.get(i).copied().flatten(),
-                embedding: b.embeddings[i * d..(i + 1) * d].to_vec(),
-            };
+            let cluster = b.clusters.get(i).copied().flatten();
+            let class_label = b.class_labels.get(i).copied().flatten();
+            let emb = &b.embeddings[i * d..(i + 1) * d];
             let (payload, ct) = match self.cfg.encoding {
                 Encoding::Binary => (
-                    encode_binary(v.step, v.cluster, v.class_label, &v.embedding),
+                    encode_binary(b.step, cluster, class_label, emb),
                     CONTENT_TYPE_BINARY,
                 ),
-                Encoding::Json => (
-                    encode_json(key, &b.model_version, &v)
-                        .map_err(|e| SinkError::BadBatch(e.to_string()))?,
-                    "application/json",
-                ),
+                Encoding::Json => {
+                    let v = EmbeddingValue {
+                        step: b.step,
+                        cluster,
+                        class_label,
+                        embedding: emb.to_vec(),
+                    };
+                    let j = encode_json(key, &b.model_version, &v)
+                        .map_err(|e| SinkError::BadBatch(e.to_string()))?;
+                    (j, "application/json")
+                }
             };
             let key = if self.versioned_keys {
                 format!("{key}@{}", b.model_version)
