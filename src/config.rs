@@ -182,6 +182,9 @@ pub struct Config {
     pub metrics: MetricsConfig,
     #[serde(default)]
     pub log: LogConfig,
+    /// In-daemon k-NN evaluation on a labelled set (absent = off).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub eval: Option<crate::eval::KnnEvalConfig>,
 }
 
 impl Config {
@@ -196,6 +199,10 @@ impl Config {
         }
         if let Some(e) = cfg.embeddings.as_mut() {
             e.url = local_path_to_url(&e.url, "embeddings.url")?;
+        }
+        if let Some(e) = cfg.eval.as_mut() {
+            e.train_url = local_path_to_url(&e.train_url, "eval.train_url")?;
+            e.test_url = local_path_to_url(&e.test_url, "eval.test_url")?;
         }
         cfg.validate()?;
         Ok(cfg)
@@ -220,6 +227,12 @@ impl Config {
         self.odc
             .validate()
             .map_err(|e| invalid("odc", e.to_string()))?;
+        if let Some(e) = &self.eval {
+            e.validate().map_err(|e| match e {
+                crate::eval::EvalError::Invalid { field, message } => invalid(&field, message),
+                other => invalid("eval", other.to_string()),
+            })?;
+        }
         url::Url::parse(&self.source.url).map_err(|e| {
             invalid(
                 "source.url",
