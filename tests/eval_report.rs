@@ -73,7 +73,7 @@ fn trained() -> &'static Trained {
 log_every = 1
 [checkpoint]
 url = "{}"
-every_steps = 0
+every_steps = 1000
 every_secs = 0
 [eval]
 train_url = "{}"
@@ -96,6 +96,9 @@ k = [5, 20]
             "an in-daemon evaluation (odcd_eval_runs_total >= 1)",
             Duration::from_secs(600),
             || {
+                if let Ok(Some(st)) = d.child.try_wait() {
+                    panic!("odcd exited early ({st}); log:\n{}", d.log_text());
+                }
                 let (_, body) = http_get(port, "/metrics")?;
                 (metric_value(&body, "odcd_eval_runs_total")? >= 1.0).then_some(body)
             },
