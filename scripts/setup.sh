@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs what odcd's quickstart and tests need on a fresh Debian machine (run as root or
 # with sudo available): system packages, the Fashion-MNIST data set from Debian, and the
-# real services the integration tests start (moto_server for S3).
+# real services and tools the integration tests use (moto_server for S3, Prometheus,
+# Chromium for the report test).
 set -euo pipefail
 
 SUDO=""
@@ -34,6 +35,13 @@ if [ "${1:-}" != "--no-test-services" ] && ! command -v prometheus >/dev/null; t
   export DEBIAN_FRONTEND=noninteractive
   $SUDO apt-get update -qq
   $SUDO apt-get install -y -qq prometheus
+fi
+
+# Headless browser for the `odcd report` rendering test (not needed by the quickstart).
+if [ "${1:-}" != "--no-test-services" ] && ! command -v chromium >/dev/null; then
+  export DEBIAN_FRONTEND=noninteractive
+  $SUDO apt-get update -qq
+  $SUDO apt-get install -y -qq chromium
 fi
 
 # S3-compatible server for the object-store tests (not needed by the quickstart).

@@ -196,6 +196,9 @@ pub struct Config {
     pub metrics: MetricsConfig,
     #[serde(default)]
     pub log: LogConfig,
+    /// In-daemon k-NN evaluation on a labelled set (absent = off).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub eval: Option<crate::eval::KnnEvalConfig>,
 }
 
 impl Config {
@@ -212,6 +215,10 @@ impl Config {
         }
         if let Some(u) = cfg.embeddings.as_mut().and_then(|e| e.url.as_mut()) {
             *u = local_path_to_url(u, "embeddings.url")?;
+        }
+        if let Some(e) = cfg.eval.as_mut() {
+            e.train_url = local_path_to_url(&e.train_url, "eval.train_url")?;
+            e.test_url = local_path_to_url(&e.test_url, "eval.test_url")?;
         }
         cfg.validate()?;
         Ok(cfg)
@@ -236,6 +243,12 @@ impl Config {
         self.odc
             .validate()
             .map_err(|e| invalid("odc", e.to_string()))?;
+        if let Some(e) = &self.eval {
+            e.validate().map_err(|e| match e {
+                crate::eval::EvalError::Invalid { field, message } => invalid(&field, message),
+                other => invalid("eval", other.to_string()),
+            })?;
+        }
         match &self.source {
             SourceConfig::ObjectStore(s) => {
                 url::Url::parse(&s.url).map_err(|e| {

@@ -8,6 +8,7 @@ pub mod config;
 pub mod decode;
 pub mod device;
 pub mod embed;
+pub mod eval;
 pub mod metrics;
 pub mod model;
 pub mod odc;

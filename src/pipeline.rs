@@ -11,6 +11,8 @@ use tokio_util::sync::CancellationToken;
 use crate::checkpoint::{Checkpoint, CheckpointStore};
 use crate::config::{CheckpointConfig, Config, EmbeddingsConfig};
 use crate::decode::BatchStream;
+use crate::eval::history::{History, HistoryPoint};
+use crate::eval::DaemonEval;
 use crate::metrics::{Health, TrainMetrics};
 use crate::odc::StreamingMemory;
 use crate::record::Batch;
@@ -42,6 +44,8 @@ pub enum RunError {
     Listen(std::io::Error),
     #[error("trainer thread failed: {0}")]
     Thread(String),
+    #[error("evaluation: {0}")]
+    Eval(#[from] crate::eval::EvalError),
 }
 
 /// What a finished run did.
@@ -97,6 +101,7 @@ pub async fn run(cfg: Config, cancel: CancellationToken) -> Result<RunSummary, R
     };
     let mut resume = SourceState::default();
     let mut resumed_from = None;
+    let mut history = History::default();
     if let (Some(store), Some(c)) = (&store, &cfg.checkpoint) {
         if c.resume {
             let retry = StartupRetry {
@@ -111,6 +116,7 @@ pub async fn run(cfg: Config, cancel: CancellationToken) -> Result<RunSummary, R
                 None => return Ok(RunSummary::default()), // cancelled while waiting
                 Some(Some((m, ckpt))) => {
                     resume = restore(&mut trainer, &ckpt)?;
+                    history = History::from_extra(&ckpt.extra);
                     resumed_from = Some(ckpt.step);
                     tracing::info!(step = ckpt.step, id = %m.id, "resumed from checkpoint");
                 }
@@ -143,6 +149,16 @@ pub async fn run(cfg: Config, cancel: CancellationToken) -> Result<RunSummary, R
     }
 
     let handle = tokio::runtime::Handle::current();
+    let eval = match &cfg.eval {
+        Some(e) => Some(DaemonEval::spawn(
+            &cfg,
+            e,
+            &registry,
+            handle.clone(),
+            cancel.clone(),
+        )?),
+        None => None,
+    };
     let trainer_cancel = cancel.clone();
     let ctx = LoopCtx {
         metrics: train_metrics,
@@ -151,6 +167,8 @@ pub async fn run(cfg: Config, cancel: CancellationToken) -> Result<RunSummary, R
         sink_tx,
         resumed_from,
         kafka,
+        history: std::cell::RefCell::new(history),
+        eval,
     };
     let join = std::thread::Builder::new()
         .name("odcd-trainer".into())
@@ -351,6 +369,10 @@ struct LoopCtx {
     resumed_from: Option<u64>,
     /// Kafka source: offsets are committed once a checkpoint covering them is durable.
     kafka: Option<crate::source::KafkaHandle>,
+    /// Training curves, saved in checkpoints (for `odcd report`).
+    history: std::cell::RefCell<History>,
+    /// In-daemon evaluation (`[eval]`), on its own thread.
+    eval: Option<DaemonEval>,
 }
 
 /// Writes a checkpoint from the trainer thread; failures are reported, never fatal.
@@ -377,6 +399,7 @@ fn checkpoint(
         ck.source_state = serde_json::to_value(source).map_err(|e| e.to_string())?;
         ck.rng = serde_json::json!({ "seed": cfg.train.seed });
         ck.config = serde_json::to_value(cfg).map_err(|e| e.to_string())?;
+        ck.extra = ctx.history.borrow().into_extra(&ck.extra);
         ck.metadata = serde_json::json!({
             "arch": cfg.model.arch,
             "in_channels": cfg.model.in_channels,
@@ -577,7 +600,16 @@ fn train_loop(
             }
         }
 
+        if let Some(ev) = &ctx.eval {
+            ev.after_step(trainer.step_count(), || trainer.model().to_safetensors());
+        }
+
         if (out.step + 1) % cfg.train.log_every == 0 {
+            ctx.history.borrow_mut().push(HistoryPoint::new(
+                &out,
+                &stats,
+                ctx.eval.as_ref().and_then(|e| e.latest()),
+            ));
             let secs = window_start.elapsed().as_secs_f64().max(1e-9);
             metrics.images_per_second.set(window_imgs as f64 / secs);
             tracing::info!(

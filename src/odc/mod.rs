@@ -14,7 +14,7 @@
 //!
 //! Every fallible entry point returns [`OdcError`]; nothing here panics on bad input.
 
-mod linalg;
+pub(crate) mod linalg;
 
 pub mod kmeans;
 pub mod loss;

@@ -1,0 +1,219 @@
+//! Labelled evaluation sets: shards read once through the normal source + decode path with
+//! the eval transform, held in memory as pixels, and their features under a frozen model.
+
+use std::collections::BTreeMap;
+
+use candle_core::{Device, Tensor};
+use tokio_util::sync::CancellationToken;
+
+use super::EvalError;
+use crate::decode::{BatchStream, PipelineConfig};
+use crate::model::OdcModel;
+use crate::source::{DataMetrics, ObjectStoreSourceConfig, RejectReason, SourceMode, SourceState};
+
+/// Decoded, eval-transformed images with their keys and class labels.
+#[derive(Debug, Clone, Default)]
+pub struct LabelledSet {
+    /// Where the shards came from (for messages).
+    pub url: String,
+    pub keys: Vec<String>,
+    /// Class ids from `<key>.cls`.
+    pub labels: Vec<i64>,
+    /// n × channels × size × size, normalised as the eval transform does.
+    pub pixels: Vec<f32>,
+    pub channels: usize,
+    pub size: usize,
+    /// Records the data path rejected (undecodable, ...): not in the set.
+    pub rejected: u64,
+}
+
+impl LabelledSet {
+    pub fn len(&self) -> usize {
+        self.keys.len()
+    }
+    pub fn is_empty(&self) -> bool {
+        self.keys.is_empty()
+    }
+    /// Values per image.
+    pub fn per_image(&self) -> usize {
+        self.channels * self.size * self.size
+    }
+}
+
+/// Which feature of the network is evaluated.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FeatureKind {
+    /// Global-average-pooled backbone output (512-d for ResNet-18): the usual protocol.
+    #[default]
+    Backbone,
+    /// The neck's D-dim feature, the one the ODC memory clusters.
+    Neck,
+}
+
+impl std::str::FromStr for FeatureKind {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "backbone" => Ok(FeatureKind::Backbone),
+            "neck" => Ok(FeatureKind::Neck),
+            other => Err(format!("`{other}`: use backbone or neck")),
+        }
+    }
+}
+
+impl std::fmt::Display for FeatureKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            FeatureKind::Backbone => "backbone",
+            FeatureKind::Neck => "neck",
+        })
+    }
+}
+
+/// Reads every record under `url` once (at most `max` images), decoding with `pipeline`
+/// (which must carry the eval transform). Every image must have a `.cls` label.
+pub async fn load_set(
+    url: &str,
+    options: &BTreeMap<String, String>,
+    pipeline: &PipelineConfig,
+    max: Option<usize>,
+    cancel: &CancellationToken,
+) -> Result<LabelledSet, EvalError> {
+    let url = crate::config::local_path_to_url(url, "shards URL").map_err(|e| EvalError::Data {
+        url: url.to_string(),
+        message: e.to_string(),
+    })?;
+    let mut source = ObjectStoreSourceConfig::new(url.clone());
+    source.options = options.clone();
+    source.mode = SourceMode::Once;
+    let registry = prometheus::Registry::new();
+    let metrics = DataMetrics::register(&registry).map_err(|e| EvalError::Data {
+        url: url.clone(),
+        message: e.to_string(),
+    })?;
+    let child = cancel.child_token();
+    let mut stream = BatchStream::from_config(
+        crate::source::SourceConfig::ObjectStore(source),
+        pipeline.clone(),
+        metrics.clone(),
+        SourceState::default(),
+        child.clone(),
+    )
+    .map_err(|e| EvalError::Data {
+        url: url.clone(),
+        message: e.to_string(),
+    })?;
+    let size = pipeline.transform.size() as usize;
+    let channels = pipeline.decode.channels as usize;
+    let mut set = LabelledSet {
+        url: url.clone(),
+        channels,
+        size,
+        ..LabelledSet::default()
+    };
+    let limit = max.unwrap_or(usize::MAX);
+    while set.len() < limit {
+        let batch = tokio::select! {
+            b = stream.next() => b,
+            _ = cancel.cancelled() => return Err(EvalError::Cancelled),
+        };
+        let Some(batch) = batch else { break };
+        let take = (limit - set.len()).min(batch.keys.len());
+        let per = channels * size * size;
+        let v = batch
+            .images
+            .flatten_all()
+            .and_then(|t| t.to_vec1::<f32>())
+            .map_err(|e| EvalError::Data {
+                url: url.clone(),
+                message: format!("decoded batch: {e}"),
+            })?;
+        for i in 0..take {
+            let Some(label) = batch.class_labels[i] else {
+                return Err(EvalError::Unlabelled {
+                    url: url.clone(),
+                    key: batch.keys[i].clone(),
+                });
+            };
+            set.keys.push(batch.keys[i].clone());
+            set.labels.push(label);
+            set.pixels.extend_from_slice(&v[i * per..(i + 1) * per]);
+        }
+    }
+    // Stop the source and decoders if we left early (max reached).
+    child.cancel();
+    set.rejected = RejectReason::ALL
+        .iter()
+        .map(|&r| metrics.rejected_count(r))
+        .sum();
+    if set.rejected > 0 {
+        tracing::warn!(url = %url, rejected = set.rejected, "records rejected while reading the evaluation set (see odcd shards inspect)");
+    }
+    if set.is_empty() {
+        return Err(EvalError::Empty { url });
+    }
+    Ok(set)
+}
+
+/// Features (n × d, row-major) of every image of `set` under `model` in eval mode, `batch`
+/// images at a time; stops with `Cancelled` between batches once `cancel` fires. CPU-heavy:
+/// call it off the async runtime.
+pub fn extract_features(
+    model: &OdcModel,
+    set: &LabelledSet,
+    kind: FeatureKind,
+    batch: usize,
+    device: &Device,
+    cancel: Option<&CancellationToken>,
+) -> Result<(Vec<f32>, usize), EvalError> {
+    let per = set.per_image();
+    let mut out = Vec::new();
+    let mut d = 0;
+    for chunk in set.pixels.chunks(per * batch.max(1)) {
+        if cancel.is_some_and(|c| c.is_cancelled()) {
+            return Err(EvalError::Cancelled);
+        }
+        let b = chunk.len() / per;
+        let x = Tensor::from_slice(chunk, (b, set.channels, set.size, set.size), device)
+            .map_err(EvalError::model)?;
+        let f = match kind {
+            FeatureKind::Backbone => model.backbone_features(&x, false),
+            FeatureKind::Neck => model.features_eval(&x),
+        }
+        .map_err(EvalError::model)?;
+        d = f.dim(1).map_err(EvalError::model)?;
+        out.extend(
+            f.flatten_all()
+                .and_then(|t| t.to_vec1::<f32>())
+                .map_err(EvalError::model)?,
+        );
+    }
+    Ok((out, d))
+}
+
+/// Maps arbitrary class ids to `0..classes` (sorted), so votes and probes index densely.
+pub fn dense_labels(train: &[i64], test: &[i64]) -> (Vec<u32>, Vec<u32>, usize) {
+    let mut ids: Vec<i64> = train.iter().chain(test).copied().collect();
+    ids.sort_unstable();
+    ids.dedup();
+    let map = |v: &[i64]| -> Vec<u32> {
+        v.iter()
+            .map(|x| ids.binary_search(x).unwrap_or(0) as u32)
+            .collect()
+    };
+    (map(train), map(test), ids.len())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dense_labels_keep_order_and_count_classes() {
+        let (a, b, c) = dense_labels(&[7, 3, 7], &[9, 3]);
+        assert_eq!(a, vec![1, 0, 1]);
+        assert_eq!(b, vec![2, 0]);
+        assert_eq!(c, 3);
+    }
+}
