@@ -404,6 +404,32 @@ mod tests {
     }
 
     #[test]
+    fn every_shipped_config_survives_the_json_round_trip_of_checkpoints() {
+        // Checkpoints keep the run's config as JSON (`None` = null); `odcd eval` / `report` /
+        // `embed` read it back.
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("configs");
+        let mut n = 0;
+        for e in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+            let p = e.path();
+            let Ok(text) = std::fs::read_to_string(&p) else {
+                continue;
+            };
+            if p.extension().and_then(|x| x.to_str()) != Some("toml") {
+                continue;
+            }
+            // Loop mode has an Option field (passes), the case that broke.
+            let text = text.replace("mode = \"follow\"", "mode = { loop = {} }");
+            let cfg: Config = toml::from_str(&text).expect("shipped config parses");
+            let json = serde_json::to_value(&cfg).expect("to JSON");
+            let back: Config = serde_json::from_value(json.clone())
+                .unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+            assert_eq!(serde_json::to_value(&back).expect("to JSON"), json);
+            n += 1;
+        }
+        assert!(n >= 3);
+    }
+
+    #[test]
     fn every_shipped_config_is_valid() {
         let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("configs");
         let mut n = 0;

@@ -28,23 +28,31 @@ pub enum SourceConfig {
 impl<'de> Deserialize<'de> for SourceConfig {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         use serde::de::Error;
-        let mut t = toml::Table::deserialize(d)?;
+        // A JSON value, not a TOML table: configs come back from checkpoints as JSON, where
+        // `None` fields are nulls that TOML cannot hold.
+        let mut t = match serde_json::Value::deserialize(d)? {
+            serde_json::Value::Object(m) => m,
+            other => {
+                return Err(D::Error::custom(format!(
+                    "[source] must be a table, not {other}"
+                )))
+            }
+        };
         let kind = match t.remove("kind") {
             None => "object_store".to_string(),
-            Some(toml::Value::String(s)) => s,
+            Some(serde_json::Value::String(s)) => s,
             Some(other) => {
                 return Err(D::Error::custom(format!(
                 "source.kind = {other} must be a string: \"object_store\" (default) or \"kafka\""
             )))
             }
         };
+        let t = serde_json::Value::Object(t);
         match kind.as_str() {
-            "object_store" => t
-                .try_into()
+            "object_store" => serde_json::from_value(t)
                 .map(SourceConfig::ObjectStore)
                 .map_err(|e| D::Error::custom(format!("[source]: {e}"))),
-            "kafka" => t
-                .try_into()
+            "kafka" => serde_json::from_value(t)
                 .map(SourceConfig::Kafka)
                 .map_err(|e| D::Error::custom(format!("[source] (kind = \"kafka\"): {e}"))),
             other => Err(D::Error::custom(format!(
