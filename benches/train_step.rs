@@ -6,6 +6,9 @@
 //!
 //! Compare with `benches/train_step_torch.py` (same architecture in PyTorch) in the same run:
 //! `scripts/bench-train.sh` runs both.
+//!
+//! RSS check: `STEPS=1000 RSS_EVERY=100 cargo bench --bench train_step` prints the resident
+//! set size every 100 steps (`scripts/bench-train.sh rss` runs it); it must stay flat.
 
 use std::time::Instant;
 
@@ -20,6 +23,19 @@ fn env_usize(k: &str, d: usize) -> usize {
         .unwrap_or(d)
 }
 
+/// Resident set size of this process (Linux `/proc/self/status`), NaN where unavailable.
+fn rss_mib() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|kb| kb.parse::<f64>().ok())
+        })
+        .map_or(f64::NAN, |kb| kb / 1024.0)
+}
+
 fn main() -> anyhow::Result<()> {
     let arch = match std::env::var("ARCH").as_deref() {
         Ok("resnet50") => Arch::Resnet50,
@@ -29,6 +45,7 @@ fn main() -> anyhow::Result<()> {
     let batch = env_usize("BATCH", 64);
     let steps = env_usize("STEPS", 5);
     let k = env_usize("K", 10);
+    let rss_every = env_usize("RSS_EVERY", 0);
     let cfg = ModelConfig {
         arch,
         in_channels: 3,
@@ -53,6 +70,9 @@ fn main() -> anyhow::Result<()> {
         let t2 = Instant::now();
         opt.step(&grads, step as u64)?;
         let t3 = Instant::now();
+        if rss_every > 0 && step % rss_every == 0 {
+            println!("step {step:>5} rss {:.1} MiB", rss_mib());
+        }
         if step > 0 {
             // the first step is a warm-up (allocator, thread pool)
             times.push((t3 - t0).as_secs_f64());

@@ -1,12 +1,27 @@
 #!/usr/bin/env bash
 # Training-step throughput, odcd (candle) and PyTorch side by side, same machine, same run.
 # Needs PyTorch: PYTHON=/path/to/venv/bin/python (default python3) with `pip install torch`.
+#   scripts/bench-train.sh        # ResNet-18 3×32×32 b64 and ResNet-50 3×64×64 b32, ratios
+#   scripts/bench-train.sh rss    # odcd RSS every 100 steps over 1,000 steps (must stay flat)
+# STEPS (default 5) sets the steps per median. The load average is printed with the figures:
+# numbers taken while other work runs on the machine are not comparable to a quiet run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 cargo build --release --bench train_step >/dev/null 2>&1 || cargo bench --no-run --bench train_step
+if [ "${1:-}" = rss ]; then
+  STEPS=${STEPS:-1000} RSS_EVERY=${RSS_EVERY:-100} cargo bench --bench train_step 2>/dev/null
+  exit 0
+fi
+echo "load: $(uptime)"
 for cfg in "resnet18 32 64" "resnet50 64 32"; do
   set -- $cfg
-  ARCH=$1 SIZE=$2 BATCH=$3 cargo bench --bench train_step 2>/dev/null | grep odcd
-  ARCH=$1 SIZE=$2 BATCH=$3 OMP_WAIT_POLICY=PASSIVE "$PY" benches/train_step_torch.py
+  odcd=$(ARCH=$1 SIZE=$2 BATCH=$3 cargo bench --bench train_step 2>/dev/null | grep odcd)
+  torch=$(ARCH=$1 SIZE=$2 BATCH=$3 OMP_WAIT_POLICY=PASSIVE "$PY" benches/train_step_torch.py)
+  echo "$odcd"
+  echo "$torch"
+  a=$(sed -E 's/.* ([0-9.]+) images\/s.*/\1/' <<<"$odcd")
+  b=$(sed -E 's/.* ([0-9.]+) images\/s.*/\1/' <<<"$torch")
+  echo "$1 ratio odcd/pytorch images/s: $(python3 -c "print(f'{$a/$b:.2f}')")"
 done
+echo "load: $(uptime)"

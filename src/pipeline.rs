@@ -394,7 +394,7 @@ fn checkpoint(
                 .to_safetensors()
                 .map_err(|e| e.to_string())?,
         );
-        ck.optimizer = trainer.optimizer().state();
+        ck.optimizer = trainer.optimizer().state().map_err(|e| e.to_string())?;
         ck.memory = Some(trainer.memory().export());
         ck.source_state = serde_json::to_value(source).map_err(|e| e.to_string())?;
         ck.rng = serde_json::json!({ "seed": cfg.train.seed });

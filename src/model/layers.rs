@@ -5,6 +5,7 @@ use candle_core::{DType, Module, Tensor, D};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
+use super::batchnorm::batch_norm_train_cpu;
 use super::params::{Buffer, ParamStore};
 use super::ModelError;
 
@@ -35,7 +36,7 @@ impl Conv2d {
     }
 
     pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        x.conv2d(&self.weight, self.padding, self.stride, 1, 1)
+        super::conv::conv2d(x, &self.weight, self.stride, self.padding)
     }
 }
 
@@ -117,6 +118,44 @@ impl BatchNorm {
     }
 
     pub fn forward(&self, x: &Tensor, train: bool) -> candle_core::Result<Tensor> {
+        self.forward_act(x, train, false)
+    }
+
+    /// BatchNorm followed by ReLU when `relu`. Training on f32 CPU tensors with affine
+    /// parameters uses the fused kernel of `batchnorm.rs`; everything else candle ops.
+    pub fn forward_act(&self, x: &Tensor, train: bool, relu: bool) -> candle_core::Result<Tensor> {
+        if let (true, Some((w, b))) = (
+            train && x.device().is_cpu() && x.dtype() == DType::F32,
+            &self.affine,
+        ) {
+            let (y, stats) = batch_norm_train_cpu(x, w, b, self.eps, relu)?;
+            let n = x.elem_count() / x.dim(1)?;
+            let c = stats.mean.len();
+            let m = self.momentum;
+            let unbiased = if n > 1 {
+                n as f64 / (n - 1) as f64
+            } else {
+                1.0
+            };
+            let dev = x.device();
+            let mean = Tensor::from_vec(stats.mean, c, dev)?;
+            let var = (Tensor::from_vec(stats.var, c, dev)? * unbiased)?;
+            let rm = ((self.running_mean.get() * (1.0 - m))? + (mean * m)?)?;
+            let rv = ((self.running_var.get() * (1.0 - m))? + (var * m)?)?;
+            self.running_mean.set(rm);
+            self.running_var.set(rv);
+            return Ok(y);
+        }
+        let y = self.forward_generic(x, train)?;
+        if relu {
+            y.relu()
+        } else {
+            Ok(y)
+        }
+    }
+
+    /// candle-op BatchNorm: any device, with or without affine parameters.
+    fn forward_generic(&self, x: &Tensor, train: bool) -> candle_core::Result<Tensor> {
         let rank = x.rank();
         let c = x.dim(1)?;
         // Shape that broadcasts a per-channel vector against x.
@@ -209,6 +248,38 @@ mod tests {
         let ye = bn.forward(&x, false)?.to_vec2::<f32>()?;
         let e2 = (1.0 - rm[0]) / (rv[0] + 1e-5).sqrt();
         assert!((ye[0][0] - e2).abs() < 1e-5);
+        Ok(())
+    }
+
+    #[test]
+    fn fused_cpu_batch_norm_matches_candle_ops_and_running_stats() -> Result<(), ModelError> {
+        let dev = Device::Cpu;
+        let x = (Tensor::randn(0f32, 2f32, (5, 3, 4, 6), &dev)? + 1.5)?;
+        let fused = BatchNorm::new(&mut ParamStore::new(&dev, 0), "bn", 3, true, 0.1)?;
+        let plain = BatchNorm::new(&mut ParamStore::new(&dev, 0), "bn", 3, true, 0.1)?;
+        for relu in [false, true] {
+            let a = fused.forward_act(&x, true, relu)?;
+            let mut b = plain.forward_generic(&x, true)?;
+            if relu {
+                b = b.relu()?;
+            }
+            let (a, b) = (
+                a.flatten_all()?.to_vec1::<f32>()?,
+                b.flatten_all()?.to_vec1::<f32>()?,
+            );
+            for (u, v) in a.iter().zip(&b) {
+                assert!((u - v).abs() < 1e-5, "relu {relu}: {u} vs {v}");
+            }
+        }
+        for (f, p) in [
+            (&fused.running_mean, &plain.running_mean),
+            (&fused.running_var, &plain.running_var),
+        ] {
+            let (f, p) = (f.get().to_vec1::<f32>()?, p.get().to_vec1::<f32>()?);
+            for (u, v) in f.iter().zip(&p) {
+                assert!((u - v).abs() < 1e-5, "running stats {u} vs {v}");
+            }
+        }
         Ok(())
     }
 

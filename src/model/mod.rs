@@ -4,9 +4,12 @@
 //! (affine off, momentum 0.001) → ReLU → Dropout(0.5) → Linear → ReLU, giving the
 //! non-negative D-dim feature that goes into the ODC memory. head: Linear(D → K).
 
+pub mod batchnorm;
+pub mod conv;
 pub mod layers;
 pub mod maxpool;
 pub mod params;
+pub mod residual;
 pub mod resnet;
 
 use candle_core::{Device, Module, Tensor, D};

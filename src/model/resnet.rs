@@ -7,6 +7,7 @@ use serde::{Deserialize, Serialize};
 use super::layers::{BatchNorm, Conv2d};
 use super::maxpool::MaxPool2d;
 use super::params::ParamStore;
+use super::residual::add_relu;
 use super::ModelError;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -87,13 +88,13 @@ impl BasicBlock {
     }
 
     fn forward(&self, x: &Tensor, train: bool) -> candle_core::Result<Tensor> {
-        let y = self.bn1.forward(&self.conv1.forward(x)?, train)?.relu()?;
+        let y = self.bn1.forward_act(&self.conv1.forward(x)?, train, true)?;
         let y = self.bn2.forward(&self.conv2.forward(&y)?, train)?;
         let id = match &self.downsample {
             Some((c, b)) => b.forward(&c.forward(x)?, train)?,
             None => x.clone(),
         };
-        (y + id)?.relu()
+        add_relu(&y, &id)
     }
 }
 
@@ -130,14 +131,16 @@ impl Bottleneck {
     }
 
     fn forward(&self, x: &Tensor, train: bool) -> candle_core::Result<Tensor> {
-        let y = self.bn1.forward(&self.conv1.forward(x)?, train)?.relu()?;
-        let y = self.bn2.forward(&self.conv2.forward(&y)?, train)?.relu()?;
+        let y = self.bn1.forward_act(&self.conv1.forward(x)?, train, true)?;
+        let y = self
+            .bn2
+            .forward_act(&self.conv2.forward(&y)?, train, true)?;
         let y = self.bn3.forward(&self.conv3.forward(&y)?, train)?;
         let id = match &self.downsample {
             Some((c, b)) => b.forward(&c.forward(x)?, train)?,
             None => x.clone(),
         };
-        (y + id)?.relu()
+        add_relu(&y, &id)
     }
 }
 
@@ -226,7 +229,7 @@ impl ResNet {
 
     /// (N, C, H, W) → stage-4 map (N, C4, h, w).
     pub fn forward(&self, x: &Tensor, train: bool) -> candle_core::Result<Tensor> {
-        let mut y = self.bn1.forward(&self.conv1.forward(x)?, train)?.relu()?;
+        let mut y = self.bn1.forward_act(&self.conv1.forward(x)?, train, true)?;
         if let Some(mp) = &self.maxpool {
             y = mp.forward(&y)?;
         }

@@ -1,0 +1,634 @@
+//! 2-D convolution (no bias, dilation 1, groups 1) for f32 CPU tensors as candle custom ops:
+//! im2col + one batch-wide GEMM (the `gemm` crate, multithreaded on rayon) forward, and a
+//! backward that is two GEMMs (grad-weight = dY·colᵀ, grad-col = Wᵀ·dY) plus col2im.
+//!
+//! candle 0.11's own CPU backward goes through `conv_transpose2d` and a transposed conv2d
+//! for the weight gradient, which dominated the training step (see README, "Training
+//! throughput"). On other devices [`conv2d`] falls back to candle's `conv2d`, so CUDA keeps
+//! candle's (cuDNN) kernels and autograd.
+//!
+//! Layouts: the input is NCHW, the weight (C_out, C_in, k_h, k_w). The column matrix is
+//! (C_in·k_h·k_w) × (N·H_out·W_out), row-major, so every GEMM covers the whole batch (the
+//! late ResNet stages have 1×1 or 2×2 maps: per-image GEMMs would be matrix-vector
+//! products). All reductions have a fixed order, so results are bit-for-bit reproducible
+//! for a given thread count.
+
+use candle_core::{CpuStorage, CustomOp2, Layout, Shape, Tensor};
+use rayon::prelude::*;
+
+/// Convolution geometry, shared by the forward and both backward ops.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Geom {
+    n: usize,
+    c_in: usize,
+    h: usize,
+    w: usize,
+    c_out: usize,
+    kh: usize,
+    kw: usize,
+    stride: usize,
+    padding: usize,
+    ho: usize,
+    wo: usize,
+}
+
+impl Geom {
+    fn new(
+        x: (usize, usize, usize, usize),
+        k: (usize, usize, usize, usize),
+        stride: usize,
+        padding: usize,
+    ) -> candle_core::Result<Self> {
+        let (n, c_in, h, w) = x;
+        let (c_out, c_k, kh, kw) = k;
+        if c_in != c_k {
+            candle_core::bail!("conv2d: input has {c_in} channels but the weight expects {c_k}");
+        }
+        if stride == 0 || kh == 0 || kw == 0 {
+            candle_core::bail!("conv2d: stride and kernel size must be > 0");
+        }
+        if h + 2 * padding < kh || w + 2 * padding < kw {
+            candle_core::bail!(
+                "conv2d: kernel {kh}×{kw} does not fit input {h}×{w} with padding {padding}"
+            );
+        }
+        Ok(Geom {
+            n,
+            c_in,
+            h,
+            w,
+            c_out,
+            kh,
+            kw,
+            stride,
+            padding,
+            ho: (h + 2 * padding - kh) / stride + 1,
+            wo: (w + 2 * padding - kw) / stride + 1,
+        })
+    }
+
+    /// Rows of the column matrix: C_in·k_h·k_w.
+    fn ckk(&self) -> usize {
+        self.c_in * self.kh * self.kw
+    }
+
+    /// Output pixels per image.
+    fn hw_out(&self) -> usize {
+        self.ho * self.wo
+    }
+
+    /// Columns of the column matrix: N·H_out·W_out.
+    fn cols(&self) -> usize {
+        self.n * self.hw_out()
+    }
+
+    /// For kernel offset `k` along an axis of input size `size`, the output positions
+    /// `[lo, hi)` whose input coordinate `o·stride + k − padding` lies inside the input.
+    fn valid_range(&self, k: usize, size: usize, out: usize) -> (usize, usize) {
+        let (s, p) = (self.stride, self.padding);
+        // o·s + k ≥ p  ⇔  o ≥ ceil((p − k) / s)
+        let lo = if k >= p { 0 } else { (p - k).div_ceil(s) };
+        // o·s + k − p ≤ size − 1  ⇔  o ≤ (size − 1 + p − k) / s
+        let hi = if size + p > k {
+            ((size - 1 + p - k) / s + 1).min(out)
+        } else {
+            0
+        };
+        (lo.min(hi), hi)
+    }
+}
+
+/// `dst` (m × n, row-major, contiguous) = A·B (or dst + A·B when `accumulate`), A m×k and
+/// B k×n given by row and column strides into their slices. Bounds are checked here so the
+/// unsafe call below cannot read or write outside the slices.
+#[allow(clippy::too_many_arguments)]
+fn gemm_f32(
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: &mut [f32],
+    a: &[f32],
+    a_rs: usize,
+    a_cs: usize,
+    b: &[f32],
+    b_rs: usize,
+    b_cs: usize,
+    accumulate: bool,
+) -> candle_core::Result<()> {
+    if m == 0 || n == 0 {
+        return Ok(());
+    }
+    if k == 0 {
+        if !accumulate {
+            dst[..m * n].fill(0.0);
+        }
+        return Ok(());
+    }
+    let last = |rows: usize, cols: usize, rs: usize, cs: usize| (rows - 1) * rs + (cols - 1) * cs;
+    if dst.len() < m * n || a.len() <= last(m, k, a_rs, a_cs) || b.len() <= last(k, n, b_rs, b_cs) {
+        candle_core::bail!("conv2d: GEMM operand shorter than its shape (internal error)");
+    }
+    // SAFETY: the extents of all three matrices were checked against the slices above,
+    // dst is borrowed mutably (no aliasing with a or b), and the strides fit in isize
+    // because they index allocations that exist.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            1,
+            n as isize,
+            accumulate,
+            a.as_ptr(),
+            a_cs as isize,
+            a_rs as isize,
+            b.as_ptr(),
+            b_cs as isize,
+            b_rs as isize,
+            1.0,
+            1.0,
+            false,
+            false,
+            false,
+            gemm::Parallelism::Rayon(rayon::current_num_threads()),
+        );
+    }
+    Ok(())
+}
+
+/// Column matrix of `x` (N, C, H, W): row (c, ky, kx), column (n, oy, ox), zero padding.
+fn im2col(g: &Geom, x: &[f32]) -> Vec<f32> {
+    let (hw, hwo, cols) = (g.h * g.w, g.hw_out(), g.cols());
+    let mut col = vec![0f32; g.ckk() * cols];
+    col.par_chunks_mut(cols).enumerate().for_each(|(r, row)| {
+        let kx = r % g.kw;
+        let ky = (r / g.kw) % g.kh;
+        let c = r / (g.kw * g.kh);
+        let (oy_lo, oy_hi) = g.valid_range(ky, g.h, g.ho);
+        let (ox_lo, ox_hi) = g.valid_range(kx, g.w, g.wo);
+        if ox_lo >= ox_hi {
+            return; // this kernel column only ever sees padding
+        }
+        for b in 0..g.n {
+            let plane = &x[(b * g.c_in + c) * hw..(b * g.c_in + c + 1) * hw];
+            let out = &mut row[b * hwo..(b + 1) * hwo];
+            for oy in oy_lo..oy_hi {
+                let iy = oy * g.stride + ky - g.padding;
+                let src = &plane[iy * g.w..(iy + 1) * g.w];
+                let dst = &mut out[oy * g.wo..(oy + 1) * g.wo];
+                let ix0 = ox_lo * g.stride + kx - g.padding;
+                if g.stride == 1 {
+                    dst[ox_lo..ox_hi].copy_from_slice(&src[ix0..ix0 + (ox_hi - ox_lo)]);
+                } else {
+                    for (i, d) in dst[ox_lo..ox_hi].iter_mut().enumerate() {
+                        *d = src[ix0 + i * g.stride];
+                    }
+                }
+            }
+        }
+    });
+    col
+}
+
+/// Adjoint of [`im2col`]: sums the column matrix back into an (N, C, H, W) gradient.
+/// One task per (n, c) plane, so every sum has a fixed order.
+fn col2im(g: &Geom, col: &[f32]) -> Vec<f32> {
+    let (hw, hwo, cols) = (g.h * g.w, g.hw_out(), g.cols());
+    let mut x = vec![0f32; g.n * g.c_in * hw];
+    x.par_chunks_mut(hw).enumerate().for_each(|(pl, plane)| {
+        let (b, c) = (pl / g.c_in, pl % g.c_in);
+        for ky in 0..g.kh {
+            let (oy_lo, oy_hi) = g.valid_range(ky, g.h, g.ho);
+            for kx in 0..g.kw {
+                let (ox_lo, ox_hi) = g.valid_range(kx, g.w, g.wo);
+                if ox_lo >= ox_hi {
+                    continue;
+                }
+                let r = (c * g.kh + ky) * g.kw + kx;
+                let src = &col[r * cols + b * hwo..r * cols + (b + 1) * hwo];
+                let ix0 = ox_lo * g.stride + kx;
+                for oy in oy_lo..oy_hi {
+                    let iy = oy * g.stride + ky - g.padding;
+                    let dst = &mut plane[iy * g.w..(iy + 1) * g.w];
+                    let s = &src[oy * g.wo + ox_lo..oy * g.wo + ox_hi];
+                    if g.stride == 1 {
+                        let d = &mut dst[ix0 - g.padding..ix0 - g.padding + s.len()];
+                        for (dv, sv) in d.iter_mut().zip(s) {
+                            *dv += sv;
+                        }
+                    } else {
+                        for (i, sv) in s.iter().enumerate() {
+                            dst[ix0 - g.padding + i * g.stride] += sv;
+                        }
+                    }
+                }
+            }
+        }
+    });
+    x
+}
+
+/// (N, C, P) → (C, N·P): the batch-major layout of the GEMMs from/to candle's NCHW.
+fn nc_to_cn(src: &[f32], n: usize, c: usize, p: usize) -> Vec<f32> {
+    let mut dst = vec![0f32; n * c * p];
+    dst.par_chunks_mut(n * p).enumerate().for_each(|(ci, row)| {
+        for b in 0..n {
+            row[b * p..(b + 1) * p].copy_from_slice(&src[(b * c + ci) * p..(b * c + ci + 1) * p]);
+        }
+    });
+    dst
+}
+
+/// (C, N·P) → (N, C, P).
+fn cn_to_nc(src: &[f32], n: usize, c: usize, p: usize) -> Vec<f32> {
+    let mut dst = vec![0f32; n * c * p];
+    dst.par_chunks_mut(c * p).enumerate().for_each(|(b, img)| {
+        for ci in 0..c {
+            img[ci * p..(ci + 1) * p]
+                .copy_from_slice(&src[ci * n * p + b * p..ci * n * p + (b + 1) * p]);
+        }
+    });
+    dst
+}
+
+fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> candle_core::Result<&'a [f32]> {
+    let data = match s {
+        CpuStorage::F32(v) => v.as_slice(),
+        _ => candle_core::bail!("conv2d: {what} must be f32"),
+    };
+    match l.contiguous_offsets() {
+        Some((a, b)) => Ok(&data[a..b]),
+        None => candle_core::bail!("conv2d: {what} must be contiguous"),
+    }
+}
+
+/// True when the fast path applies: 1×1 kernel, stride 1, no padding (the column matrix
+/// is the input itself, re-ordered).
+fn is_pointwise(g: &Geom) -> bool {
+    g.kh == 1 && g.kw == 1 && g.stride == 1 && g.padding == 0
+}
+
+/// Column matrix for `g`: a plain reorder for pointwise convs, im2col otherwise.
+fn columns(g: &Geom, x: &[f32]) -> Vec<f32> {
+    if is_pointwise(g) {
+        nc_to_cn(x, g.n, g.c_in, g.h * g.w)
+    } else {
+        im2col(g, x)
+    }
+}
+
+/// Forward op: (input, weight) → output.
+#[derive(Debug, Clone, Copy)]
+struct Conv2dOp {
+    stride: usize,
+    padding: usize,
+}
+
+impl CustomOp2 for Conv2dOp {
+    fn name(&self) -> &'static str {
+        "odcd-conv2d"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let g = Geom::new(
+            l1.shape().dims4()?,
+            l2.shape().dims4()?,
+            self.stride,
+            self.padding,
+        )?;
+        let x = f32_slice(s1, l1, "input")?;
+        let wt = f32_slice(s2, l2, "weight")?;
+        let col = columns(&g, x);
+        let (ckk, cols) = (g.ckk(), g.cols());
+        let mut y = vec![0f32; g.c_out * cols];
+        gemm_f32(g.c_out, cols, ckk, &mut y, wt, ckk, 1, &col, cols, 1, false)?;
+        drop(col);
+        let out = cn_to_nc(&y, g.n, g.c_out, g.hw_out());
+        Ok((
+            CpuStorage::F32(out),
+            Shape::from((g.n, g.c_out, g.ho, g.wo)),
+        ))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let grad = grad.contiguous()?;
+        let gx = grad.apply_op2_no_bwd(
+            w,
+            &Conv2dGradInput {
+                stride: self.stride,
+                padding: self.padding,
+                input: x.dims4()?,
+            },
+        )?;
+        let gw = x.apply_op2_no_bwd(
+            &grad,
+            &Conv2dGradWeight {
+                stride: self.stride,
+                padding: self.padding,
+                kernel: w.dims4()?,
+            },
+        )?;
+        Ok((Some(gx), Some(gw)))
+    }
+}
+
+/// (grad_out, weight) → grad_input = col2im(Wᵀ · dY).
+struct Conv2dGradInput {
+    stride: usize,
+    padding: usize,
+    input: (usize, usize, usize, usize),
+}
+
+impl CustomOp2 for Conv2dGradInput {
+    fn name(&self) -> &'static str {
+        "odcd-conv2d-grad-input"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let g = Geom::new(self.input, l2.shape().dims4()?, self.stride, self.padding)?;
+        if l1.shape().dims4()? != (g.n, g.c_out, g.ho, g.wo) {
+            candle_core::bail!("conv2d backward: output gradient shape does not match");
+        }
+        let dy = nc_to_cn(
+            f32_slice(s1, l1, "output gradient")?,
+            g.n,
+            g.c_out,
+            g.hw_out(),
+        );
+        let wt = f32_slice(s2, l2, "weight")?;
+        let (ckk, cols) = (g.ckk(), g.cols());
+        // dcol (ckk × cols) = Wᵀ (ckk × c_out) · dY (c_out × cols)
+        let mut dcol = vec![0f32; ckk * cols];
+        gemm_f32(
+            ckk, cols, g.c_out, &mut dcol, wt, 1, ckk, &dy, cols, 1, false,
+        )?;
+        drop(dy);
+        let dx = if is_pointwise(&g) {
+            cn_to_nc(&dcol, g.n, g.c_in, g.h * g.w)
+        } else {
+            col2im(&g, &dcol)
+        };
+        Ok((CpuStorage::F32(dx), Shape::from((g.n, g.c_in, g.h, g.w))))
+    }
+}
+
+/// (input, grad_out) → grad_weight = dY · colᵀ, summed over the batch inside the GEMM.
+struct Conv2dGradWeight {
+    stride: usize,
+    padding: usize,
+    kernel: (usize, usize, usize, usize),
+}
+
+impl CustomOp2 for Conv2dGradWeight {
+    fn name(&self) -> &'static str {
+        "odcd-conv2d-grad-weight"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let g = Geom::new(l1.shape().dims4()?, self.kernel, self.stride, self.padding)?;
+        if l2.shape().dims4()? != (g.n, g.c_out, g.ho, g.wo) {
+            candle_core::bail!("conv2d backward: output gradient shape does not match");
+        }
+        let col = columns(&g, f32_slice(s1, l1, "input")?);
+        let dy = nc_to_cn(
+            f32_slice(s2, l2, "output gradient")?,
+            g.n,
+            g.c_out,
+            g.hw_out(),
+        );
+        let (ckk, cols) = (g.ckk(), g.cols());
+        // dW (c_out × ckk) = dY (c_out × cols) · colᵀ (cols × ckk)
+        let mut dw = vec![0f32; g.c_out * ckk];
+        gemm_f32(
+            g.c_out, ckk, cols, &mut dw, &dy, cols, 1, &col, 1, cols, false,
+        )?;
+        Ok((
+            CpuStorage::F32(dw),
+            Shape::from((g.c_out, g.c_in, g.kh, g.kw)),
+        ))
+    }
+}
+
+/// conv2d(x, weight) with the given stride and zero padding, dilation 1, one group.
+/// f32 CPU tensors use the kernels of this module (with backward); anything else goes to
+/// candle's `conv2d`.
+pub fn conv2d(
+    x: &Tensor,
+    weight: &Tensor,
+    stride: usize,
+    padding: usize,
+) -> candle_core::Result<Tensor> {
+    let cpu_f32 = x.device().is_cpu()
+        && x.dtype() == candle_core::DType::F32
+        && weight.dtype() == candle_core::DType::F32;
+    if cpu_f32 {
+        x.contiguous()?
+            .apply_op2(&weight.contiguous()?, Conv2dOp { stride, padding })
+    } else {
+        x.conv2d(weight, padding, stride, 1, 1)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Var};
+    use rand::{Rng, SeedableRng};
+
+    fn max_rel_err(a: &Tensor, b: &Tensor) -> candle_core::Result<f32> {
+        let a = a.flatten_all()?.to_vec1::<f32>()?;
+        let b = b.flatten_all()?.to_vec1::<f32>()?;
+        assert_eq!(a.len(), b.len());
+        let scale = b.iter().fold(1e-3f32, |m, v| m.max(v.abs()));
+        Ok(a.iter()
+            .zip(&b)
+            .fold(0f32, |m, (x, y)| m.max((x - y).abs() / scale)))
+    }
+
+    /// Direct-loop reference: output, and the gradients of sum(out · g) w.r.t. x and w.
+    #[allow(clippy::too_many_arguments)]
+    fn naive(
+        x: &[f32],
+        (n, c_in, h, w): (usize, usize, usize, usize),
+        wt: &[f32],
+        (c_out, k): (usize, usize),
+        stride: usize,
+        padding: usize,
+        g: &[f32],
+    ) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+        let ho = (h + 2 * padding - k) / stride + 1;
+        let wo = (w + 2 * padding - k) / stride + 1;
+        let mut out = vec![0f64; n * c_out * ho * wo];
+        let mut dx = vec![0f64; x.len()];
+        let mut dw = vec![0f64; wt.len()];
+        for b in 0..n {
+            for co in 0..c_out {
+                for oy in 0..ho {
+                    for ox in 0..wo {
+                        let o = ((b * c_out + co) * ho + oy) * wo + ox;
+                        for ci in 0..c_in {
+                            for ky in 0..k {
+                                for kx in 0..k {
+                                    let iy = (oy * stride + ky) as isize - padding as isize;
+                                    let ix = (ox * stride + kx) as isize - padding as isize;
+                                    if iy < 0 || ix < 0 || iy >= h as isize || ix >= w as isize {
+                                        continue;
+                                    }
+                                    let xi = ((b * c_in + ci) * h + iy as usize) * w + ix as usize;
+                                    let wi = ((co * c_in + ci) * k + ky) * k + kx;
+                                    out[o] += x[xi] as f64 * wt[wi] as f64;
+                                    dx[xi] += g[o] as f64 * wt[wi] as f64;
+                                    dw[wi] += g[o] as f64 * x[xi] as f64;
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        let f = |v: Vec<f64>| v.into_iter().map(|a| a as f32).collect();
+        (f(out), f(dx), f(dw))
+    }
+
+    /// Forward values against candle's conv2d and the naive loops; both gradients of
+    /// sum(conv(x, w) · g) against the naive loops, and against candle's backward where
+    /// candle's is right (its conv backward assumes square inputs when the stride is > 1).
+    fn check(
+        rng: &mut impl Rng,
+        (n, c_in, h, w): (usize, usize, usize, usize),
+        (c_out, k): (usize, usize),
+        stride: usize,
+        padding: usize,
+    ) -> candle_core::Result<()> {
+        let dev = Device::Cpu;
+        let xs: Vec<f32> = (0..n * c_in * h * w)
+            .map(|_| rng.random_range(-1.0..1.0))
+            .collect();
+        let ws: Vec<f32> = (0..c_out * c_in * k * k)
+            .map(|_| rng.random_range(-1.0..1.0))
+            .collect();
+        let x = Var::from_tensor(&Tensor::from_vec(xs.clone(), (n, c_in, h, w), &dev)?)?;
+        let wt = Var::from_tensor(&Tensor::from_vec(ws.clone(), (c_out, c_in, k, k), &dev)?)?;
+        let ours = conv2d(x.as_tensor(), wt.as_tensor(), stride, padding)?;
+        let theirs = x
+            .as_tensor()
+            .conv2d(wt.as_tensor(), padding, stride, 1, 1)?;
+        let what = format!("x {n}×{c_in}×{h}×{w} w {c_out}×{k}×{k} s{stride} p{padding}");
+        assert_eq!(ours.dims(), theirs.dims(), "{what}");
+        let e = max_rel_err(&ours, &theirs)?;
+        assert!(e < 1e-5, "forward vs candle {what}: rel err {e}");
+        let gs: Vec<f32> = (0..ours.elem_count())
+            .map(|_| rng.random_range(-1.0..1.0))
+            .collect();
+        let (eo, edx, edw) = naive(&xs, (n, c_in, h, w), &ws, (c_out, k), stride, padding, &gs);
+        let e = max_rel_err(&ours, &Tensor::from_vec(eo, ours.shape(), &dev)?)?;
+        assert!(e < 1e-5, "forward vs naive {what}: rel err {e}");
+        let g = Tensor::from_vec(gs, ours.shape(), &dev)?;
+        let go = (ours * &g)?.sum_all()?.backward()?;
+        let expect = [
+            ("input", &x, Tensor::from_vec(edx, (n, c_in, h, w), &dev)?),
+            (
+                "weight",
+                &wt,
+                Tensor::from_vec(edw, (c_out, c_in, k, k), &dev)?,
+            ),
+        ];
+        for (name, v, reference) in &expect {
+            let a = go.get(v.as_tensor()).expect("our gradient exists");
+            let e = max_rel_err(a, reference)?;
+            assert!(e < 1e-5, "grad {name} vs naive {what}: rel err {e}");
+        }
+        if h == w || stride == 1 {
+            let gt = (theirs * &g)?.sum_all()?.backward()?;
+            for (name, v, _) in &expect {
+                let a = go.get(v.as_tensor()).expect("our gradient exists");
+                let b = gt.get(v.as_tensor()).expect("candle gradient exists");
+                let e = max_rel_err(a, b)?;
+                assert!(e < 1e-5, "grad {name} vs candle {what}: rel err {e}");
+            }
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn matches_candle_conv2d_values_and_gradients() -> candle_core::Result<()> {
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(11);
+        // (kernel, stride, padding) of every conv in ResNet-18/50 and odd extras
+        let kinds = [
+            (1, 1, 0),
+            (1, 2, 0),
+            (3, 1, 1),
+            (3, 2, 1),
+            (7, 2, 3),
+            (3, 1, 0),
+            (3, 2, 0),
+            (1, 1, 1),
+            (5, 3, 2),
+        ];
+        for &(k, s, p) in &kinds {
+            for &(n, c_in, h, w, c_out) in &[
+                (1, 3, 9, 7, 4),
+                (3, 5, 8, 8, 6),
+                (2, 2, 11, 13, 3),
+                (2, 4, 7, 7, 1),
+            ] {
+                if h + 2 * p < k || w + 2 * p < k {
+                    continue;
+                }
+                check(&mut rng, (n, c_in, h, w), (c_out, k), s, p)?;
+            }
+        }
+        // a map smaller than the kernel's reach, as in ResNet's last stage
+        check(&mut rng, (4, 8, 1, 1), (5, 3), 1, 1)?;
+        check(&mut rng, (2, 8, 2, 2), (5, 3), 2, 1)?;
+        Ok(())
+    }
+
+    #[test]
+    fn rejects_mismatched_channels() -> candle_core::Result<()> {
+        let x = Tensor::zeros((1, 3, 5, 5), candle_core::DType::F32, &Device::Cpu)?;
+        let w = Tensor::zeros((2, 4, 3, 3), candle_core::DType::F32, &Device::Cpu)?;
+        assert!(conv2d(&x, &w, 1, 1).is_err());
+        Ok(())
+    }
+
+    #[test]
+    fn non_contiguous_input_gives_the_same_result() -> candle_core::Result<()> {
+        let dev = Device::Cpu;
+        let x = Tensor::randn(0f32, 1f32, (3, 2, 6, 5), &dev)?;
+        let xt = x.transpose(0, 1)?; // (2, 3, 6, 5), strided
+        let w = Tensor::randn(0f32, 1f32, (4, 3, 3, 3), &dev)?;
+        let a = conv2d(&xt, &w, 1, 1)?;
+        let b = conv2d(&xt.contiguous()?, &w, 1, 1)?;
+        assert_eq!(
+            a.flatten_all()?.to_vec1::<f32>()?,
+            b.flatten_all()?.to_vec1::<f32>()?
+        );
+        Ok(())
+    }
+}
