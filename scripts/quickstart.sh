@@ -9,7 +9,7 @@ shards_only=false
 cd "$(dirname "$0")/.."
 scripts/setup.sh --no-test-services
 cargo build --release --bin odcd
-ODCD=target/release/odcd
+ODCD="${CARGO_TARGET_DIR:-target}/release/odcd"
 FM=/usr/share/datasets/fashion-mnist
 OUT="$PWD/data/shards/fmnist-train"
 if [ ! -s "$OUT/.complete" ]; then
