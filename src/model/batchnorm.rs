@@ -67,14 +67,7 @@ impl Ncp {
 }
 
 fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> candle_core::Result<&'a [f32]> {
-    let data = match s {
-        CpuStorage::F32(v) => v.as_slice(),
-        _ => candle_core::bail!("batch-norm: {what} must be f32"),
-    };
-    match l.contiguous_offsets() {
-        Some((a, b)) => Ok(&data[a..b]),
-        None => candle_core::bail!("batch-norm: {what} must be contiguous"),
-    }
+    super::cpu::contiguous_f32(s, l, "batch-norm", what)
 }
 
 type StatsSlot = Arc<Mutex<Option<BatchStats>>>;

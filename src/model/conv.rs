@@ -253,14 +253,7 @@ fn cn_to_nc(src: &[f32], n: usize, c: usize, p: usize) -> Vec<f32> {
 }
 
 fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> candle_core::Result<&'a [f32]> {
-    let data = match s {
-        CpuStorage::F32(v) => v.as_slice(),
-        _ => candle_core::bail!("conv2d: {what} must be f32"),
-    };
-    match l.contiguous_offsets() {
-        Some((a, b)) => Ok(&data[a..b]),
-        None => candle_core::bail!("conv2d: {what} must be contiguous"),
-    }
+    super::cpu::contiguous_f32(s, l, "conv2d", what)
 }
 
 /// True when the fast path applies: 1×1 kernel, stride 1, no padding (the column matrix

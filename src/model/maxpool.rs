@@ -111,14 +111,7 @@ fn dims4(layout: &Layout) -> candle_core::Result<(usize, usize, usize, usize)> {
 }
 
 fn contiguous_f32<'a>(s: &'a CpuStorage, layout: &Layout) -> candle_core::Result<&'a [f32]> {
-    let data = match s {
-        CpuStorage::F32(v) => v.as_slice(),
-        _ => candle_core::bail!("max-pool supports f32 only"),
-    };
-    match layout.contiguous_offsets() {
-        Some((a, b)) => Ok(&data[a..b]),
-        None => candle_core::bail!("max-pool needs a contiguous input"),
-    }
+    super::cpu::contiguous_f32(s, layout, "max-pool", "the input")
 }
 
 impl CustomOp1 for MaxPool2d {

@@ -6,6 +6,7 @@
 
 pub mod batchnorm;
 pub mod conv;
+mod cpu;
 pub mod layers;
 pub mod maxpool;
 pub mod params;

@@ -8,14 +8,7 @@ use rayon::prelude::*;
 const CHUNK: usize = 16 * 1024;
 
 fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> candle_core::Result<&'a [f32]> {
-    let data = match s {
-        CpuStorage::F32(v) => v.as_slice(),
-        _ => candle_core::bail!("residual add: {what} must be f32"),
-    };
-    match l.contiguous_offsets() {
-        Some((a, b)) => Ok(&data[a..b]),
-        None => candle_core::bail!("residual add: {what} must be contiguous"),
-    }
+    super::cpu::contiguous_f32(s, l, "residual add", what)
 }
 
 struct AddRelu;
