@@ -321,13 +321,7 @@ mod tests {
     }
 
     fn max_err(a: &Tensor, b: &Tensor) -> candle_core::Result<f32> {
-        let a = a.flatten_all()?.to_vec1::<f32>()?;
-        let b = b.flatten_all()?.to_vec1::<f32>()?;
-        assert_eq!(a.len(), b.len());
-        let scale = b.iter().fold(1f32, |m, v| m.max(v.abs()));
-        Ok(a.iter()
-            .zip(&b)
-            .fold(0f32, |m, (x, y)| m.max((x - y).abs() / scale)))
+        crate::model::cpu::max_scaled_err(a, b, 1.0)
     }
 
     #[test]

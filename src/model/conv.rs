@@ -454,13 +454,7 @@ mod tests {
     use rand::{Rng, SeedableRng};
 
     fn max_rel_err(a: &Tensor, b: &Tensor) -> candle_core::Result<f32> {
-        let a = a.flatten_all()?.to_vec1::<f32>()?;
-        let b = b.flatten_all()?.to_vec1::<f32>()?;
-        assert_eq!(a.len(), b.len());
-        let scale = b.iter().fold(1e-3f32, |m, v| m.max(v.abs()));
-        Ok(a.iter()
-            .zip(&b)
-            .fold(0f32, |m, (x, y)| m.max((x - y).abs() / scale)))
+        crate::model::cpu::max_scaled_err(a, b, 1e-3)
     }
 
     /// Direct-loop reference: output, and the gradients of sum(out · g) w.r.t. x and w.

@@ -18,3 +18,20 @@ pub(crate) fn contiguous_f32<'a>(
         None => candle_core::bail!("{op}: {what} must be contiguous"),
     }
 }
+
+/// Largest |a − b| over the tensors, relative to max(|b|, `floor`): the kernels' tests
+/// compare against candle's ops or a naive reference with it.
+#[cfg(test)]
+pub(crate) fn max_scaled_err(
+    a: &candle_core::Tensor,
+    b: &candle_core::Tensor,
+    floor: f32,
+) -> candle_core::Result<f32> {
+    let a = a.flatten_all()?.to_vec1::<f32>()?;
+    let b = b.flatten_all()?.to_vec1::<f32>()?;
+    assert_eq!(a.len(), b.len());
+    let scale = b.iter().fold(floor, |m, v| m.max(v.abs()));
+    Ok(a.iter()
+        .zip(&b)
+        .fold(0f32, |m, (x, y)| m.max((x - y).abs() / scale)))
+}
