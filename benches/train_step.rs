@@ -37,6 +37,8 @@ fn rss_mib() -> f64 {
 }
 
 fn main() -> anyhow::Result<()> {
+    // As `odcd` does at start: candle's own pool stays on the calling thread.
+    odcd::model::keep_candle_pool_off_rayon_cores();
     let arch = match std::env::var("ARCH").as_deref() {
         Ok("resnet50") => Arch::Resnet50,
         _ => Arch::Resnet18,

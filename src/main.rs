@@ -198,6 +198,8 @@ fn spawn_signal_handler(token: CancellationToken) {
 }
 
 fn main() -> Result<()> {
+    // Before any thread starts (it sets an environment variable candle reads once).
+    odcd::model::keep_candle_pool_off_rayon_cores();
     let cli = Cli::parse();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

@@ -1,6 +1,7 @@
 //! 2-D convolution (no bias, dilation 1, groups 1) for f32 CPU tensors as candle custom ops:
 //! im2col + one batch-wide GEMM (the `gemm` crate, multithreaded on rayon) forward, and a
-//! backward that is two GEMMs (grad-weight = dY·colᵀ, grad-col = Wᵀ·dY) plus col2im.
+//! backward that is two GEMMs (grad-weight = dY·colᵀ, grad-col = Wᵀ·dY) plus col2im, in one
+//! op (the output gradient is re-laid out once; no input gradient for the images).
 //!
 //! candle 0.11's own CPU backward goes through `conv_transpose2d` and a transposed conv2d
 //! for the weight gradient, which dominated the training step (see README, "Training
@@ -13,7 +14,7 @@
 //! products). All reductions have a fixed order, so results are bit-for-bit reproducible
 //! for a given thread count.
 
-use candle_core::{CpuStorage, CustomOp2, Layout, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
 /// Convolution geometry, shared by the forward and both backward ops.
@@ -157,10 +158,50 @@ fn gemm_f32(
     Ok(())
 }
 
+/// Output rows at most this wide are gathered through a per-tap index table instead of
+/// copied row by row: on the small maps of late ResNet stages a row copy moves 1–8 values and
+/// its per-call overhead dominated im2col and col2im.
+const GATHER_MAX_WIDTH: usize = 8;
+
+/// For kernel tap (ky, kx): the index within an input plane that each output pixel reads, or
+/// `usize::MAX` where it reads padding.
+fn tap_table(g: &Geom, ky: usize, kx: usize) -> Vec<usize> {
+    let mut t = vec![usize::MAX; g.hw_out()];
+    let (oy_lo, oy_hi) = g.valid_range(ky, g.h, g.ho);
+    let (ox_lo, ox_hi) = g.valid_range(kx, g.w, g.wo);
+    for oy in oy_lo..oy_hi {
+        let iy = oy * g.stride + ky - g.padding;
+        for ox in ox_lo..ox_hi {
+            t[oy * g.wo + ox] = iy * g.w + ox * g.stride + kx - g.padding;
+        }
+    }
+    t
+}
+
+fn tap_tables(g: &Geom) -> Vec<Vec<usize>> {
+    (0..g.kh * g.kw)
+        .map(|t| tap_table(g, t / g.kw, t % g.kw))
+        .collect()
+}
+
 /// Column matrix of `x` (N, C, H, W): row (c, ky, kx), column (n, oy, ox), zero padding.
 fn im2col(g: &Geom, x: &[f32]) -> Vec<f32> {
     let (hw, hwo, cols) = (g.h * g.w, g.hw_out(), g.cols());
     let mut col = vec![0f32; g.ckk() * cols];
+    if g.wo <= GATHER_MAX_WIDTH {
+        let tables = tap_tables(g);
+        let taps = g.kh * g.kw;
+        col.par_chunks_mut(cols).enumerate().for_each(|(r, row)| {
+            let (c, table) = (r / taps, &tables[r % taps]);
+            for (b, out) in row.chunks_exact_mut(hwo).enumerate() {
+                let plane = &x[(b * g.c_in + c) * hw..(b * g.c_in + c + 1) * hw];
+                for (d, &i) in out.iter_mut().zip(table) {
+                    *d = plane.get(i).copied().unwrap_or(0.0);
+                }
+            }
+        });
+        return col;
+    }
     col.par_chunks_mut(cols).enumerate().for_each(|(r, row)| {
         let kx = r % g.kw;
         let ky = (r / g.kw) % g.kh;
@@ -191,11 +232,32 @@ fn im2col(g: &Geom, x: &[f32]) -> Vec<f32> {
     col
 }
 
-/// Adjoint of [`im2col`]: sums the column matrix back into an (N, C, H, W) gradient.
-/// One task per (n, c) plane, so every sum has a fixed order.
-fn col2im(g: &Geom, col: &[f32]) -> Vec<f32> {
+/// Adjoint of [`im2col`]: sums the column matrix into `x`, an (N, C, H, W) gradient that
+/// must hold zeros. One task per (n, c) plane, so every sum has a fixed order.
+fn col2im_into(g: &Geom, col: &[f32], x: &mut [f32]) {
     let (hw, hwo, cols) = (g.h * g.w, g.hw_out(), g.cols());
-    let mut x = vec![0f32; g.n * g.c_in * hw];
+    if g.wo <= GATHER_MAX_WIDTH {
+        // One task per image (planes are tiny); within a plane the taps are summed in the
+        // same order as below, so both paths give the same bits.
+        let tables = tap_tables(g);
+        let taps = g.kh * g.kw;
+        x.par_chunks_mut(g.c_in * hw)
+            .enumerate()
+            .for_each(|(b, img)| {
+                for (c, plane) in img.chunks_exact_mut(hw).enumerate() {
+                    for (t, table) in tables.iter().enumerate() {
+                        let r = c * taps + t;
+                        let src = &col[r * cols + b * hwo..r * cols + (b + 1) * hwo];
+                        for (&i, &v) in table.iter().zip(src) {
+                            if let Some(d) = plane.get_mut(i) {
+                                *d += v;
+                            }
+                        }
+                    }
+                }
+            });
+        return;
+    }
     x.par_chunks_mut(hw).enumerate().for_each(|(pl, plane)| {
         let (b, c) = (pl / g.c_in, pl % g.c_in);
         for ky in 0..g.kh {
@@ -226,7 +288,6 @@ fn col2im(g: &Geom, col: &[f32]) -> Vec<f32> {
             }
         }
     });
-    x
 }
 
 /// (N, C, P) → (C, N·P): the batch-major layout of the GEMMs from/to candle's NCHW.
@@ -243,13 +304,18 @@ fn nc_to_cn(src: &[f32], n: usize, c: usize, p: usize) -> Vec<f32> {
 /// (C, N·P) → (N, C, P).
 fn cn_to_nc(src: &[f32], n: usize, c: usize, p: usize) -> Vec<f32> {
     let mut dst = vec![0f32; n * c * p];
+    cn_to_nc_into(src, n, c, p, &mut dst);
+    dst
+}
+
+/// (C, N·P) → (N, C, P), into `dst` (n·c·p values).
+fn cn_to_nc_into(src: &[f32], n: usize, c: usize, p: usize, dst: &mut [f32]) {
     dst.par_chunks_mut(c * p).enumerate().for_each(|(b, img)| {
         for ci in 0..c {
             img[ci * p..(ci + 1) * p]
                 .copy_from_slice(&src[ci * n * p + b * p..ci * n * p + (b + 1) * p]);
         }
     });
-    dst
 }
 
 fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> candle_core::Result<&'a [f32]> {
@@ -262,6 +328,18 @@ fn is_pointwise(g: &Geom) -> bool {
     g.kh == 1 && g.kw == 1 && g.stride == 1 && g.padding == 0
 }
 
+/// The one kernel tap (index ky·k_w + kx) that sees the input when a 1×1 map is convolved
+/// with an odd kernel padded to its centre into a 1×1 map (ResNet-18's last stage on 32 px
+/// images). The conv is then a matrix product with that tap's weights; through im2col, 8 of
+/// every 9 columns rows would be zeros multiplied in.
+fn centre_tap(g: &Geom) -> Option<usize> {
+    (!is_pointwise(g)
+        && (g.h, g.w, g.ho, g.wo) == (1, 1, 1, 1)
+        && g.kh == 2 * g.padding + 1
+        && g.kw == 2 * g.padding + 1)
+        .then_some(g.padding * g.kw + g.padding)
+}
+
 /// Column matrix for `g`: a plain reorder for pointwise convs, im2col otherwise.
 fn columns(g: &Geom, x: &[f32]) -> Vec<f32> {
     if is_pointwise(g) {
@@ -272,10 +350,12 @@ fn columns(g: &Geom, x: &[f32]) -> Vec<f32> {
 }
 
 /// Forward op: (input, weight) → output.
-#[derive(Debug, Clone, Copy)]
 struct Conv2dOp {
     stride: usize,
     padding: usize,
+    /// The input needs a gradient (false for the stem's images: its col2im and GEMM are
+    /// skipped).
+    input_grad: bool,
 }
 
 impl CustomOp2 for Conv2dOp {
@@ -298,6 +378,25 @@ impl CustomOp2 for Conv2dOp {
         )?;
         let x = f32_slice(s1, l1, "input")?;
         let wt = f32_slice(s2, l2, "weight")?;
+        if let Some(t) = centre_tap(&g) {
+            // Yᵀ (n × c_out) = X (n × c_in) · W_tᵀ (c_in × c_out): already NCHW with 1×1 maps.
+            let (kk, ckk) = (g.kh * g.kw, g.ckk());
+            let mut y = vec![0f32; g.n * g.c_out];
+            gemm_f32(
+                g.n,
+                g.c_out,
+                g.c_in,
+                &mut y,
+                x,
+                g.c_in,
+                1,
+                &wt[t..],
+                kk,
+                ckk,
+                false,
+            )?;
+            return Ok((CpuStorage::F32(y), Shape::from((g.n, g.c_out, 1, 1))));
+        }
         let col = columns(&g, x);
         let (ckk, cols) = (g.ckk(), g.cols());
         let mut y = vec![0f32; g.c_out * cols];
@@ -318,36 +417,42 @@ impl CustomOp2 for Conv2dOp {
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
         let grad = grad.contiguous()?;
-        let gx = grad.apply_op2_no_bwd(
+        // Both gradients from one op: the output gradient is re-laid out once. The result is
+        // [grad_input | grad_weight], flat. (Keeping the forward's column matrix instead of
+        // building it again measured no faster: fresh pages cost what im2col saves.)
+        let both = x.apply_op3_no_bwd(
             w,
-            &Conv2dGradInput {
-                stride: self.stride,
-                padding: self.padding,
-                input: x.dims4()?,
-            },
-        )?;
-        let gw = x.apply_op2_no_bwd(
             &grad,
-            &Conv2dGradWeight {
+            &Conv2dBackward {
                 stride: self.stride,
                 padding: self.padding,
-                kernel: w.dims4()?,
+                input_grad: self.input_grad,
             },
         )?;
-        Ok((Some(gx), Some(gw)))
+        let nw = w.elem_count();
+        let nx = if self.input_grad { x.elem_count() } else { 0 };
+        let gw = both.narrow(0, nx, nw)?.reshape(w.shape())?;
+        let gx = if self.input_grad {
+            Some(both.narrow(0, 0, nx)?.reshape(x.shape())?)
+        } else {
+            None
+        };
+        Ok((gx, Some(gw)))
     }
 }
 
-/// (grad_out, weight) → grad_input = col2im(Wᵀ · dY).
-struct Conv2dGradInput {
+/// (input, weight, grad_out) → [grad_input | grad_weight] flattened (grad_weight alone
+/// without `input_grad`): grad_weight = dY · colᵀ (summed over the batch inside the GEMM),
+/// grad_input = col2im(Wᵀ · dY).
+struct Conv2dBackward {
     stride: usize,
     padding: usize,
-    input: (usize, usize, usize, usize),
+    input_grad: bool,
 }
 
-impl CustomOp2 for Conv2dGradInput {
+impl CustomOp3 for Conv2dBackward {
     fn name(&self) -> &'static str {
-        "odcd-conv2d-grad-input"
+        "odcd-conv2d-backward"
     }
 
     fn cpu_fwd(
@@ -356,75 +461,108 @@ impl CustomOp2 for Conv2dGradInput {
         l1: &Layout,
         s2: &CpuStorage,
         l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let g = Geom::new(self.input, l2.shape().dims4()?, self.stride, self.padding)?;
-        if l1.shape().dims4()? != (g.n, g.c_out, g.ho, g.wo) {
+        let g = Geom::new(
+            l1.shape().dims4()?,
+            l2.shape().dims4()?,
+            self.stride,
+            self.padding,
+        )?;
+        if l3.shape().dims4()? != (g.n, g.c_out, g.ho, g.wo) {
             candle_core::bail!("conv2d backward: output gradient shape does not match");
         }
+        let (ckk, cols) = (g.ckk(), g.cols());
+        let wt = f32_slice(s2, l2, "weight")?;
+        if let Some(t) = centre_tap(&g) {
+            return centre_tap_backward(
+                &g,
+                t,
+                f32_slice(s1, l1, "input")?,
+                wt,
+                f32_slice(s3, l3, "output gradient")?,
+                self.input_grad,
+            );
+        }
         let dy = nc_to_cn(
-            f32_slice(s1, l1, "output gradient")?,
+            f32_slice(s3, l3, "output gradient")?,
             g.n,
             g.c_out,
             g.hw_out(),
         );
-        let wt = f32_slice(s2, l2, "weight")?;
-        let (ckk, cols) = (g.ckk(), g.cols());
+        let nx = if self.input_grad {
+            g.n * g.c_in * g.h * g.w
+        } else {
+            0
+        };
+        let mut out = vec![0f32; nx + g.c_out * ckk];
+        let (dx, dw) = out.split_at_mut(nx);
+        {
+            let col = columns(&g, f32_slice(s1, l1, "input")?);
+            // dW (c_out × ckk) = dY (c_out × cols) · colᵀ (cols × ckk)
+            gemm_f32(g.c_out, ckk, cols, dw, &dy, cols, 1, &col, 1, cols, false)?;
+        }
+        if !self.input_grad {
+            let len = out.len();
+            return Ok((CpuStorage::F32(out), Shape::from(len)));
+        }
         // dcol (ckk × cols) = Wᵀ (ckk × c_out) · dY (c_out × cols)
         let mut dcol = vec![0f32; ckk * cols];
         gemm_f32(
             ckk, cols, g.c_out, &mut dcol, wt, 1, ckk, &dy, cols, 1, false,
         )?;
         drop(dy);
-        let dx = if is_pointwise(&g) {
-            cn_to_nc(&dcol, g.n, g.c_in, g.h * g.w)
+        if is_pointwise(&g) {
+            cn_to_nc_into(&dcol, g.n, g.c_in, g.h * g.w, dx);
         } else {
-            col2im(&g, &dcol)
-        };
-        Ok((CpuStorage::F32(dx), Shape::from((g.n, g.c_in, g.h, g.w))))
-    }
-}
-
-/// (input, grad_out) → grad_weight = dY · colᵀ, summed over the batch inside the GEMM.
-struct Conv2dGradWeight {
-    stride: usize,
-    padding: usize,
-    kernel: (usize, usize, usize, usize),
-}
-
-impl CustomOp2 for Conv2dGradWeight {
-    fn name(&self) -> &'static str {
-        "odcd-conv2d-grad-weight"
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let g = Geom::new(l1.shape().dims4()?, self.kernel, self.stride, self.padding)?;
-        if l2.shape().dims4()? != (g.n, g.c_out, g.ho, g.wo) {
-            candle_core::bail!("conv2d backward: output gradient shape does not match");
+            col2im_into(&g, &dcol, dx);
         }
-        let col = columns(&g, f32_slice(s1, l1, "input")?);
-        let dy = nc_to_cn(
-            f32_slice(s2, l2, "output gradient")?,
-            g.n,
-            g.c_out,
-            g.hw_out(),
-        );
-        let (ckk, cols) = (g.ckk(), g.cols());
-        // dW (c_out × ckk) = dY (c_out × cols) · colᵀ (cols × ckk)
-        let mut dw = vec![0f32; g.c_out * ckk];
-        gemm_f32(
-            g.c_out, ckk, cols, &mut dw, &dy, cols, 1, &col, 1, cols, false,
-        )?;
-        Ok((
-            CpuStorage::F32(dw),
-            Shape::from((g.c_out, g.c_in, g.kh, g.kw)),
-        ))
+        let len = out.len();
+        Ok((CpuStorage::F32(out), Shape::from(len)))
     }
+}
+
+/// Backward of a [`centre_tap`] conv, laid out as [`Conv2dBackward`]'s result: with 1×1
+/// maps, NCHW tensors are (n × c) matrices. dX = dY · W_t, dW_t = dYᵀ · X, other taps 0.
+fn centre_tap_backward(
+    g: &Geom,
+    t: usize,
+    x: &[f32],
+    wt: &[f32],
+    dy: &[f32],
+    input_grad: bool,
+) -> candle_core::Result<(CpuStorage, Shape)> {
+    let (kk, ckk) = (g.kh * g.kw, g.ckk());
+    let nx = if input_grad { g.n * g.c_in } else { 0 };
+    let mut out = vec![0f32; nx + g.c_out * ckk];
+    let (dx, dw) = out.split_at_mut(nx);
+    if input_grad {
+        gemm_f32(
+            g.n,
+            g.c_in,
+            g.c_out,
+            dx,
+            dy,
+            g.c_out,
+            1,
+            &wt[t..],
+            ckk,
+            kk,
+            false,
+        )?;
+    }
+    let mut dwt = vec![0f32; g.c_out * g.c_in];
+    gemm_f32(
+        g.c_out, g.c_in, g.n, &mut dwt, dy, 1, g.c_out, x, g.c_in, 1, false,
+    )?;
+    for (row, src) in dw.chunks_exact_mut(ckk).zip(dwt.chunks_exact(g.c_in)) {
+        for (ci, v) in src.iter().enumerate() {
+            row[ci * kk + t] = *v;
+        }
+    }
+    let len = out.len();
+    Ok((CpuStorage::F32(out), Shape::from(len)))
 }
 
 /// conv2d(x, weight) with the given stride and zero padding, dilation 1, one group.
@@ -440,8 +578,14 @@ pub fn conv2d(
         && x.dtype() == candle_core::DType::F32
         && weight.dtype() == candle_core::DType::F32;
     if cpu_f32 {
-        x.contiguous()?
-            .apply_op2(&weight.contiguous()?, Conv2dOp { stride, padding })
+        x.contiguous()?.apply_op2(
+            &weight.contiguous()?,
+            Conv2dOp {
+                stride,
+                padding,
+                input_grad: x.track_op(),
+            },
+        )
     } else {
         x.conv2d(weight, padding, stride, 1, 1)
     }
@@ -583,6 +727,8 @@ mod tests {
                 (3, 5, 8, 8, 6),
                 (2, 2, 11, 13, 3),
                 (2, 4, 7, 7, 1),
+                // outputs wider than GATHER_MAX_WIDTH: the row-copy im2col/col2im path
+                (1, 2, 20, 21, 3),
             ] {
                 if h + 2 * p < k || w + 2 * p < k {
                     continue;
@@ -593,6 +739,36 @@ mod tests {
         // a map smaller than the kernel's reach, as in ResNet's last stage
         check(&mut rng, (4, 8, 1, 1), (5, 3), 1, 1)?;
         check(&mut rng, (2, 8, 2, 2), (5, 3), 2, 1)?;
+        // 1×1 maps through the centre tap only (the matrix-product path)
+        check(&mut rng, (3, 6, 1, 1), (4, 5), 1, 2)?;
+        check(&mut rng, (2, 5, 1, 1), (7, 3), 2, 1)?;
+        Ok(())
+    }
+
+    #[test]
+    fn weight_gradient_is_the_same_when_the_input_needs_none() -> candle_core::Result<()> {
+        let dev = Device::Cpu;
+        for (shape, k, stride, pad) in [((2, 3, 9, 9), 7, 2, 3), ((3, 4, 1, 1), 3, 1, 1)] {
+            let x = Tensor::randn(0f32, 1f32, shape, &dev)?;
+            let w = Var::randn(0f32, 1f32, (5, shape.1, k, k), &dev)?;
+            let xv = Var::from_tensor(&x)?;
+            let g_plain = conv2d(&x, w.as_tensor(), stride, pad)?
+                .sqr()?
+                .sum_all()?
+                .backward()?;
+            let g_var = conv2d(xv.as_tensor(), w.as_tensor(), stride, pad)?
+                .sqr()?
+                .sum_all()?
+                .backward()?;
+            let a = g_plain.get(w.as_tensor()).expect("weight gradient");
+            let b = g_var.get(w.as_tensor()).expect("weight gradient");
+            assert_eq!(
+                a.flatten_all()?.to_vec1::<f32>()?,
+                b.flatten_all()?.to_vec1::<f32>()?
+            );
+            assert!(g_plain.get(&x).is_none());
+            assert!(g_var.get(xv.as_tensor()).is_some());
+        }
         Ok(())
     }
 

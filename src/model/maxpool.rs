@@ -1,13 +1,14 @@
 //! Padded, overlapping max-pool (the ResNet stem's 3×3 stride-2 pad-1) with a backward pass.
 //!
 //! candle 0.11 has neither padding for max-pool nor a backward for overlapping windows, so
-//! this is a `CustomOp1` whose backward is a second custom op that recomputes the argmax
-//! (first maximum wins, as PyTorch) and scatters the gradient. CPU kernels run on rayon
+//! this is a `CustomOp1` that keeps the argmax of every window (first maximum wins, as
+//! PyTorch) for its backward, a second custom op that scatters the gradient there. CPU kernels run on rayon
 //! over (N·C) planes. On other devices the forward falls back to candle ops (valid for the
 //! non-negative input the stem feeds it, after ReLU).
 
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Shape, Tensor};
 use rayon::prelude::*;
+use std::sync::Mutex;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct MaxPool2d {
@@ -45,7 +46,11 @@ impl MaxPool2d {
     /// Forward with backward support. Input (N, C, H, W) f32.
     pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         if x.device().is_cpu() {
-            x.contiguous()?.apply_op1(*self)
+            x.contiguous()?.apply_op1(MaxPoolOp {
+                pool: *self,
+                keep_argmax: x.track_op(),
+                argmax: Mutex::new(None),
+            })
         } else {
             self.forward_generic(x)
         }
@@ -59,48 +64,45 @@ impl MaxPool2d {
         x.max_pool2d_with_stride(self.kernel, self.stride)
     }
 
-    /// Index (within the input plane) of the maximum of every window; -1 when a window
-    /// holds only padding (impossible with padding ≤ kernel/2, kept for safety).
+    /// Index (within the input plane) and value of the maximum of every window; index -1
+    /// (value −∞) when a window holds only padding (impossible with padding ≤ kernel/2, kept
+    /// for safety). Ties go to the first maximum in row-major window order; NaN propagates
+    /// like PyTorch.
     fn argmax_plane(
         &self,
         plane: &[f32],
-        h: usize,
-        w: usize,
-        ho: usize,
-        wo: usize,
-        out: &mut [i64],
+        (h, w): (usize, usize),
+        (ho, wo): (usize, usize),
+        idx: &mut [i64],
+        vals: &mut [f32],
     ) {
-        let (k, s, p) = (
-            self.kernel as isize,
-            self.stride as isize,
-            self.padding as isize,
-        );
+        let (k, s, p) = (self.kernel, self.stride, self.padding);
         for oy in 0..ho {
-            for ox in 0..wo {
-                let y0 = oy as isize * s - p;
-                let x0 = ox as isize * s - p;
-                let mut best = f32::NEG_INFINITY;
-                let mut best_i: i64 = -1;
-                for dy in 0..k {
-                    let y = y0 + dy;
-                    if y < 0 || y >= h as isize {
-                        continue;
-                    }
-                    let row = &plane[y as usize * w..(y as usize + 1) * w];
-                    for dx in 0..k {
-                        let xx = x0 + dx;
-                        if xx < 0 || xx >= w as isize {
+            let (ylo, yhi) = ((oy * s).max(p) - p, (oy * s + k).saturating_sub(p).min(h));
+            let bi = &mut idx[oy * wo..(oy + 1) * wo];
+            let bv = &mut vals[oy * wo..(oy + 1) * wo];
+            bi.fill(-1);
+            bv.fill(f32::NEG_INFINITY);
+            // Taps outer, output pixels inner: every pixel's running maximum is its own
+            // dependency chain, so the inner loop pipelines (one chain per window was
+            // latency-bound), and each pixel still sees its taps in row-major order.
+            for y in ylo..yhi.max(ylo) {
+                let row = &plane[y * w..(y + 1) * w];
+                for dx in 0..k {
+                    for (ox, (b_i, b_v)) in bi.iter_mut().zip(bv.iter_mut()).enumerate() {
+                        let Some(xx) = (ox * s + dx).checked_sub(p) else {
                             continue;
-                        }
-                        let v = row[xx as usize];
-                        // strict `>` keeps the first maximum; NaN propagates like PyTorch
-                        if v > best || (v.is_nan() && !best.is_nan()) || best_i < 0 {
-                            best = v;
-                            best_i = y as i64 * w as i64 + xx as i64;
-                        }
+                        };
+                        let Some(&v) = row.get(xx) else { continue };
+                        // Selected through bit masks, not a branch (the compiler turned an
+                        // `if` into a jump that random data mispredicts half the time).
+                        let take = (*b_i < 0) | (v > *b_v) | (v.is_nan() & !b_v.is_nan());
+                        let m32 = (take as u32).wrapping_neg();
+                        let m64 = (take as i64).wrapping_neg();
+                        *b_v = f32::from_bits((v.to_bits() & m32) | (b_v.to_bits() & !m32));
+                        *b_i = (((y * w + xx) as i64) & m64) | (*b_i & !m64);
                     }
                 }
-                out[oy * wo + ox] = best_i;
             }
         }
     }
@@ -114,7 +116,15 @@ fn contiguous_f32<'a>(s: &'a CpuStorage, layout: &Layout) -> candle_core::Result
     super::cpu::contiguous_f32(s, layout, "max-pool", "the input")
 }
 
-impl CustomOp1 for MaxPool2d {
+/// The CPU forward op; with `keep_argmax` (the input is part of a graph backward will walk)
+/// it keeps the window argmaxes, so the backward does not search the windows again.
+struct MaxPoolOp {
+    pool: MaxPool2d,
+    keep_argmax: bool,
+    argmax: Mutex<Option<Vec<i64>>>,
+}
+
+impl CustomOp1 for MaxPoolOp {
     fn name(&self) -> &'static str {
         "odcd-max-pool2d"
     }
@@ -125,22 +135,17 @@ impl CustomOp1 for MaxPool2d {
         layout: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let (n, c, h, w) = dims4(layout)?;
-        let (ho, wo) = (self.out_size(h)?, self.out_size(w)?);
+        let (ho, wo) = (self.pool.out_size(h)?, self.pool.out_size(w)?);
         let x = contiguous_f32(storage, layout)?;
         let mut out = vec![0f32; n * c * ho * wo];
+        let mut idx = vec![0i64; n * c * ho * wo];
         out.par_chunks_mut(ho * wo)
+            .zip(idx.par_chunks_mut(ho * wo))
             .zip(x.par_chunks(h * w))
-            .for_each(|(o, plane)| {
-                let mut idx = vec![0i64; ho * wo];
-                self.argmax_plane(plane, h, w, ho, wo, &mut idx);
-                for (ov, &i) in o.iter_mut().zip(idx.iter()) {
-                    *ov = if i >= 0 {
-                        plane[i as usize]
-                    } else {
-                        f32::NEG_INFINITY
-                    };
-                }
-            });
+            .for_each(|((o, i), plane)| self.pool.argmax_plane(plane, (h, w), (ho, wo), i, o));
+        if self.keep_argmax {
+            *self.argmax.lock().unwrap_or_else(|p| p.into_inner()) = Some(idx);
+        }
         Ok((CpuStorage::F32(out), Shape::from((n, c, ho, wo))))
     }
 
@@ -150,13 +155,24 @@ impl CustomOp1 for MaxPool2d {
         _res: &Tensor,
         grad_res: &Tensor,
     ) -> candle_core::Result<Option<Tensor>> {
-        let g = arg.apply_op2_no_bwd(&grad_res.contiguous()?, &MaxPool2dBackward(*self))?;
+        let argmax = self.argmax.lock().unwrap_or_else(|p| p.into_inner()).take();
+        let g = arg.apply_op2_no_bwd(
+            &grad_res.contiguous()?,
+            &MaxPool2dBackward {
+                pool: self.pool,
+                argmax,
+            },
+        )?;
         Ok(Some(g))
     }
 }
 
-/// Gradient of [`MaxPool2d`] w.r.t. its input: (input, grad_out) → grad_in.
-struct MaxPool2dBackward(MaxPool2d);
+/// Gradient of [`MaxPool2d`] w.r.t. its input: (input, grad_out) → grad_in, through the
+/// forward's argmaxes when it kept them (searched again otherwise).
+struct MaxPool2dBackward {
+    pool: MaxPool2d,
+    argmax: Option<Vec<i64>>,
+}
 
 impl CustomOp2 for MaxPool2dBackward {
     fn name(&self) -> &'static str {
@@ -172,23 +188,37 @@ impl CustomOp2 for MaxPool2dBackward {
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let (n, c, h, w) = dims4(l1)?;
         let (n2, c2, ho, wo) = dims4(l2)?;
-        if (n, c) != (n2, c2) || ho != self.0.out_size(h)? || wo != self.0.out_size(w)? {
+        if (n, c) != (n2, c2) || ho != self.pool.out_size(h)? || wo != self.pool.out_size(w)? {
             candle_core::bail!("max-pool backward: gradient shape does not match the input");
         }
         let x = contiguous_f32(s1, l1)?;
         let g = contiguous_f32(s2, l2)?;
         let mut out = vec![0f32; n * c * h * w];
+        if let Some(idx) = self.argmax.as_deref().filter(|a| a.len() == g.len()) {
+            out.par_chunks_mut(h * w)
+                .zip(idx.par_chunks(ho * wo).zip(g.par_chunks(ho * wo)))
+                .for_each(|(o, (ip, gp))| {
+                    for (&i, &gv) in ip.iter().zip(gp) {
+                        if let Some(d) = usize::try_from(i).ok().and_then(|i| o.get_mut(i)) {
+                            *d += gv;
+                        }
+                    }
+                });
+            return Ok((CpuStorage::F32(out), Shape::from((n, c, h, w))));
+        }
         out.par_chunks_mut(h * w)
             .zip(x.par_chunks(h * w).zip(g.par_chunks(ho * wo)))
-            .for_each(|(o, (plane, gp))| {
-                let mut idx = vec![0i64; ho * wo];
-                self.0.argmax_plane(plane, h, w, ho, wo, &mut idx);
-                for (&i, &gv) in idx.iter().zip(gp.iter()) {
-                    if i >= 0 {
-                        o[i as usize] += gv;
+            .for_each_init(
+                || (vec![0i64; ho * wo], vec![0f32; ho * wo]),
+                |(idx, vals), (o, (plane, gp))| {
+                    self.pool.argmax_plane(plane, (h, w), (ho, wo), idx, vals);
+                    for (&i, &gv) in idx.iter().zip(gp.iter()) {
+                        if i >= 0 {
+                            o[i as usize] += gv;
+                        }
                     }
-                }
-            });
+                },
+            );
         Ok((CpuStorage::F32(out), Shape::from((n, c, h, w))))
     }
 }
@@ -301,6 +331,29 @@ mod tests {
         let a = mp.forward(&x)?.flatten_all()?.to_vec1::<f32>()?;
         let b = mp.forward_generic(&x)?.flatten_all()?.to_vec1::<f32>()?;
         assert_eq!(a, b);
+        Ok(())
+    }
+
+    #[test]
+    fn backward_with_kept_argmax_equals_searching_again() -> candle_core::Result<()> {
+        let dev = Device::Cpu;
+        let mp = MaxPool2d::new(3, 2, 1);
+        let x = Tensor::randn(0f32, 1f32, (2, 3, 9, 8), &dev)?;
+        let op = MaxPoolOp {
+            pool: mp,
+            keep_argmax: true,
+            argmax: Mutex::new(None),
+        };
+        let y = x.apply_op1_no_bwd(&op)?;
+        let g = Tensor::randn(0f32, 1f32, y.shape(), &dev)?;
+        let kept = op.argmax.lock().expect("lock").take();
+        assert!(kept.is_some());
+        let grad = |argmax| {
+            x.apply_op2_no_bwd(&g, &MaxPool2dBackward { pool: mp, argmax })?
+                .flatten_all()?
+                .to_vec1::<f32>()
+        };
+        assert_eq!(grad(kept)?, grad(None)?);
         Ok(())
     }
 }

@@ -7,6 +7,7 @@
 pub mod batchnorm;
 pub mod conv;
 mod cpu;
+pub use cpu::keep_candle_pool_off_rayon_cores;
 pub mod layers;
 pub mod maxpool;
 pub mod params;
@@ -163,6 +164,9 @@ impl OdcModel {
         seed: u64,
     ) -> Result<Self, ModelError> {
         cfg.validate()?;
+        if device.is_cpu() {
+            cpu::keep_freed_memory();
+        }
         if num_clusters == 0 {
             return Err(ModelError::Config("odc.num_clusters must be > 0".into()));
         }
