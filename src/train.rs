@@ -111,6 +111,13 @@ pub struct OdcConfig {
     /// Lloyd iterations of the initial k-means (reference 20).
     #[serde(default = "default_kmeans_iters")]
     pub kmeans_iterations: usize,
+    /// Batches of the warm-up buffer whose batch statistics become every BatchNorm's running
+    /// statistics before the warm-up features are extracted (0 = off, as the reference).
+    /// A fresh network's running statistics are 0/1, so without calibration the initial
+    /// clustering's eval-mode features differ from the train-mode features that then update
+    /// the memory, and most first labels change on the first visit.
+    #[serde(default)]
+    pub bn_calibration_batches: usize,
 }
 
 impl Default for OdcConfig {
@@ -125,6 +132,7 @@ impl Default for OdcConfig {
             warmup_samples: default_warmup(),
             reinit_reseeded_heads: true,
             kmeans_iterations: default_kmeans_iters(),
+            bn_calibration_batches: 0,
         }
     }
 }
@@ -292,6 +300,17 @@ impl Trainer {
         let images = images.to_device(self.model.device())?;
         let f = self.model.features_eval(&images)?;
         Ok(f.flatten_all()?.to_vec1::<f32>()?)
+    }
+
+    /// BatchNorm calibration on `batches` before the warm-up features are extracted (see
+    /// `OdcConfig::bn_calibration_batches`). Returns the number of batches used.
+    pub fn calibrate_batchnorm(&self, batches: &[&Tensor]) -> Result<usize, TrainError> {
+        let dev = self.model.device();
+        let on_dev = batches
+            .iter()
+            .map(|b| b.to_device(dev))
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        Ok(self.model.calibrate_batchnorm(on_dev.iter())?)
     }
 
     /// Initial clustering (ODC_SPEC §1.3): k-means on the eval-mode features of the warm-up

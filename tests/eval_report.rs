@@ -179,7 +179,15 @@ fn eval_scores_checkpoint_memory_and_baselines() {
         .iter()
         .map(|m| m["method"].as_str().unwrap_or(""))
         .collect();
-    assert_eq!(methods, ["odc", "raw_pixels", "random_init"]);
+    assert_eq!(
+        methods,
+        [
+            "odc",
+            "raw_pixels",
+            "random_init",
+            "random_init_bn_calibrated"
+        ]
+    );
     for m in r["methods"].as_array().expect("methods") {
         let knn = m["knn"].as_array().expect("knn");
         assert_eq!(knn.len(), 2);

@@ -192,6 +192,35 @@ pub fn extract_features(
     Ok((out, d))
 }
 
+/// BatchNorm calibration of `model` on the first `batches` batches of `set` (eval transform,
+/// `batch` images each): every running statistic becomes the average batch statistic. For
+/// the random-network baseline, whose running statistics are otherwise the initial 0/1.
+pub fn calibrate_batchnorm(
+    model: &OdcModel,
+    set: &LabelledSet,
+    batches: usize,
+    batch: usize,
+    device: &Device,
+) -> Result<usize, EvalError> {
+    let per = set.per_image();
+    let xs = set
+        .pixels
+        .chunks(per * batch.max(1))
+        .take(batches)
+        .map(|chunk| {
+            Tensor::from_slice(
+                chunk,
+                (chunk.len() / per, set.channels, set.size, set.size),
+                device,
+            )
+        })
+        .collect::<candle_core::Result<Vec<_>>>()
+        .map_err(EvalError::model)?;
+    model
+        .calibrate_batchnorm(xs.iter())
+        .map_err(EvalError::model)
+}
+
 /// Maps arbitrary class ids to `0..classes` (sorted), so votes and probes index densely.
 pub fn dense_labels(train: &[i64], test: &[i64]) -> (Vec<u32>, Vec<u32>, usize) {
     let mut ids: Vec<i64> = train.iter().chain(test).copied().collect();

@@ -23,6 +23,9 @@ use crate::config::Config;
 use crate::model::OdcModel;
 use cluster_metrics::{Agreement, ClusterStats};
 use data::{FeatureKind, LabelledSet};
+
+/// Batches of train images the `random_init_bn_calibrated` baseline calibrates on.
+const RANDOM_BN_BATCHES: usize = 50;
 use knn::KnnResult;
 use linear_probe::{ProbeConfig, ProbeResult};
 
@@ -87,7 +90,8 @@ pub struct EvalOptions {
 /// Scores of one feature extractor.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct MethodResult {
-    /// `odc` (the checkpoint), `raw_pixels` or `random_init`.
+    /// `odc` (the checkpoint), `raw_pixels`, `random_init` (BatchNorm running statistics
+    /// at their initial 0/1) or `random_init_bn_calibrated` (measured on train images).
     pub method: String,
     /// Feature dimension.
     pub dim: usize,
@@ -329,6 +333,24 @@ pub async fn run_eval(
             let (fte, _) =
                 data::extract_features(&model, &test, opts.feature, opts.batch, &device, None)?;
             methods.push(score("random_init", ftr, fte, d, labels, &opts, t));
+            // The same random weights with BatchNorm running statistics measured on train
+            // images: separates what training taught the weights from what BN alone does.
+            let t = Instant::now();
+            let model = build_model(&cfg, None, opts.random_seed, &device)?;
+            data::calibrate_batchnorm(&model, &train, RANDOM_BN_BATCHES, opts.batch, &device)?;
+            let (ftr, d) =
+                data::extract_features(&model, &train, opts.feature, opts.batch, &device, None)?;
+            let (fte, _) =
+                data::extract_features(&model, &test, opts.feature, opts.batch, &device, None)?;
+            methods.push(score(
+                "random_init_bn_calibrated",
+                ftr,
+                fte,
+                d,
+                labels,
+                &opts,
+                t,
+            ));
         }
         Ok((methods, classes))
     })

@@ -6,7 +6,7 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 use super::batchnorm::batch_norm_train_cpu;
-use super::params::{Buffer, ParamStore};
+use super::params::{BnMomentumOverride, Buffer, ParamStore};
 use super::ModelError;
 
 /// 2-D convolution without bias (ResNet convs are always followed by BatchNorm).
@@ -89,6 +89,7 @@ pub struct BatchNorm {
     running_mean: Buffer,
     running_var: Buffer,
     momentum: f64,
+    momentum_override: BnMomentumOverride,
     eps: f64,
 }
 
@@ -113,12 +114,19 @@ impl BatchNorm {
             running_mean: ps.buffer(&format!("{name}.running_mean"), &[channels], 0.0)?,
             running_var: ps.buffer(&format!("{name}.running_var"), &[channels], 1.0)?,
             momentum,
+            momentum_override: ps.bn_momentum_override().clone(),
             eps: 1e-5,
         })
     }
 
     pub fn forward(&self, x: &Tensor, train: bool) -> candle_core::Result<Tensor> {
         self.forward_act(x, train, false)
+    }
+
+    /// Weight of a new batch statistic in the running statistics (BN calibration may
+    /// override it for the whole model).
+    fn momentum(&self) -> f64 {
+        self.momentum_override.get().unwrap_or(self.momentum)
     }
 
     /// BatchNorm followed by ReLU when `relu`. Training on f32 CPU tensors with affine
@@ -131,7 +139,7 @@ impl BatchNorm {
             let (y, stats) = batch_norm_train_cpu(x, w, b, self.eps, relu)?;
             let n = x.elem_count() / x.dim(1)?;
             let c = stats.mean.len();
-            let m = self.momentum;
+            let m = self.momentum();
             let unbiased = if n > 1 {
                 n as f64 / (n - 1) as f64
             } else {
@@ -170,7 +178,7 @@ impl BatchNorm {
             let var = centered.sqr()?.mean_keepdim(D::Minus1)?;
             let mean = mean.flatten_all()?;
             let var = var.flatten_all()?;
-            let m = self.momentum;
+            let m = self.momentum();
             let unbiased = if n > 1 {
                 (var.detach() * (n as f64 / (n - 1) as f64))?
             } else {

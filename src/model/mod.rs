@@ -248,6 +248,36 @@ impl OdcModel {
         self.neck(&pooled, false, 0)
     }
 
+    /// BatchNorm calibration: train-mode forwards (batch statistics, no dropout, no
+    /// parameter update) over `batches`, with every running statistic set to the plain
+    /// average of their batch statistics. A fresh model's running statistics are 0/1, so its
+    /// eval-mode features (the initial clustering's) live elsewhere than the train-mode
+    /// features that later update the memory; calibrated, the two match. Batches of fewer
+    /// than 2 images are skipped. Returns the number of batches used.
+    pub fn calibrate_batchnorm<'a>(
+        &self,
+        batches: impl IntoIterator<Item = &'a Tensor>,
+    ) -> candle_core::Result<usize> {
+        let momentum = self.ps.bn_momentum_override();
+        let mut used = 0usize;
+        let run = || -> candle_core::Result<()> {
+            for x in batches {
+                if x.dim(0)? < 2 {
+                    continue;
+                }
+                momentum.set(Some(1.0 / (used + 1) as f64));
+                let pooled = self.backbone_features(&x.detach(), true)?;
+                // bn0 is the neck's only BatchNorm; what follows it has no statistics.
+                self.bn0.forward(&self.fc0.forward(&pooled)?, true)?;
+                used += 1;
+            }
+            Ok(())
+        };
+        let res = run();
+        momentum.set(None);
+        res.map(|_| used)
+    }
+
     /// Re-draws the whole head N(0, std), bias 0 (after the initial clustering).
     pub fn reinit_head(&mut self) -> Result<(), ModelError> {
         let rows: Vec<usize> = (0..self.num_clusters).collect();
@@ -356,6 +386,43 @@ mod tests {
             .to_vec1::<f32>()?;
         assert_eq!(fa, fb);
         assert!(fa.iter().all(|&v| v >= 0.0));
+        Ok(())
+    }
+
+    #[test]
+    fn batchnorm_calibration_makes_eval_features_match_train_features() -> Result<(), ModelError> {
+        let dev = Device::Cpu;
+        let cfg = small_cfg(Arch::Resnet18, 1, true);
+        let m = OdcModel::new(&cfg, 5, &dev, 3)?;
+        let x = (Tensor::rand(0f32, 1f32, (8, 1, 16, 16), &dev)? * 3.0)?;
+        let rel = |a: &Tensor, b: &Tensor| -> Result<f32, ModelError> {
+            let d = (a - b)?.sqr()?.sum_all()?.to_scalar::<f32>()?;
+            let n = b.sqr()?.sum_all()?.to_scalar::<f32>()?;
+            Ok((d / n.max(1e-12)).sqrt())
+        };
+        let train_feat = m.backbone_features(&x, true)?;
+        // Uncalibrated (running statistics 0/1): eval mode is far from train mode.
+        let before = rel(&m.backbone_features(&x, false)?, &train_feat)?;
+        assert!(before > 0.2, "uncalibrated: {before}");
+        // Calibrated on the same batch twice: the running statistics are that batch's (the
+        // variance is the unbiased one: over the 2×2 maps of the last stage that is 32/31 of
+        // the batch's, a few percent through 20 layers).
+        assert_eq!(m.calibrate_batchnorm([&x, &x])?, 2);
+        let e = rel(&m.backbone_features(&x, false)?, &train_feat)?;
+        assert!(
+            e < 0.1 && e < before / 4.0,
+            "eval vs train features: {before} before calibration, {e} after"
+        );
+        // The override is gone: a train forward moves the statistics by momentum 0.1 only.
+        let before = m.backbone_features(&x, false)?;
+        let other = Tensor::rand(0f32, 1f32, (8, 1, 16, 16), &dev)?;
+        m.backbone_features(&other, true)?;
+        let after = m.backbone_features(&x, false)?;
+        let moved = rel(&after, &before)?;
+        assert!(
+            moved > 0.0 && moved < 0.5,
+            "one train forward moved eval features by {moved}"
+        );
         Ok(())
     }
 

@@ -43,6 +43,27 @@ pub struct ParamStore {
     rng: ChaCha8Rng,
     params: BTreeMap<String, Var>,
     buffers: BTreeMap<String, Buffer>,
+    bn_momentum: BnMomentumOverride,
+}
+
+/// A momentum that, while set, every BatchNorm of one model uses instead of its own: BN
+/// calibration sets 1/(i+1) for its i-th batch, so the running statistics become the plain
+/// average over the calibration batches. Shared by the model's BatchNorm layers.
+#[derive(Clone, Debug, Default)]
+pub struct BnMomentumOverride(std::sync::Arc<std::sync::atomic::AtomicU64>);
+
+impl BnMomentumOverride {
+    // 0 bits = unset: a real override is always in (0, 1].
+    pub fn get(&self) -> Option<f64> {
+        match self.0.load(std::sync::atomic::Ordering::Relaxed) {
+            0 => None,
+            bits => Some(f64::from_bits(bits)),
+        }
+    }
+    pub fn set(&self, m: Option<f64>) {
+        let bits = m.filter(|m| *m > 0.0).map_or(0, f64::to_bits);
+        self.0.store(bits, std::sync::atomic::Ordering::Relaxed);
+    }
 }
 
 impl ParamStore {
@@ -52,6 +73,7 @@ impl ParamStore {
             rng: ChaCha8Rng::seed_from_u64(seed),
             params: BTreeMap::new(),
             buffers: BTreeMap::new(),
+            bn_momentum: BnMomentumOverride::default(),
         }
     }
 
@@ -118,6 +140,10 @@ impl ParamStore {
 
     pub fn buffers(&self) -> &BTreeMap<String, Buffer> {
         &self.buffers
+    }
+
+    pub fn bn_momentum_override(&self) -> &BnMomentumOverride {
+        &self.bn_momentum
     }
 
     pub fn num_parameters(&self) -> usize {
