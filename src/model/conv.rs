@@ -68,6 +68,11 @@ impl Geom {
         })
     }
 
+    /// The geometry of an op whose first two operands are the input and the weight.
+    fn of(x: &Layout, w: &Layout, stride: usize, padding: usize) -> candle_core::Result<Self> {
+        Self::new(x.shape().dims4()?, w.shape().dims4()?, stride, padding)
+    }
+
     /// Rows of the column matrix: C_in·k_h·k_w.
     fn ckk(&self) -> usize {
         self.c_in * self.kh * self.kw
@@ -370,12 +375,7 @@ impl CustomOp2 for Conv2dOp {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let g = Geom::new(
-            l1.shape().dims4()?,
-            l2.shape().dims4()?,
-            self.stride,
-            self.padding,
-        )?;
+        let g = Geom::of(l1, l2, self.stride, self.padding)?;
         let x = f32_slice(s1, l1, "input")?;
         let wt = f32_slice(s2, l2, "weight")?;
         if let Some(t) = centre_tap(&g) {
@@ -464,12 +464,7 @@ impl CustomOp3 for Conv2dBackward {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let g = Geom::new(
-            l1.shape().dims4()?,
-            l2.shape().dims4()?,
-            self.stride,
-            self.padding,
-        )?;
+        let g = Geom::of(l1, l2, self.stride, self.padding)?;
         if l3.shape().dims4()? != (g.n, g.c_out, g.ho, g.wo) {
             candle_core::bail!("conv2d backward: output gradient shape does not match");
         }
