@@ -86,11 +86,13 @@ k = [5, 20]
             test.display()
         );
         let cfg = root.join("odcd.toml");
-        std::fs::write(
-            &cfg,
-            test_config(&format!("{}", train.display()), port, &extra),
-        )
-        .expect("write config");
+        // With BatchNorm calibration on the first 2 of the 3 warm-up batches: the
+        // calibrated path of the warm-up runs in the daemon here.
+        let config = test_config(&format!("{}", train.display()), port, &extra).replace(
+            "warmup_samples = 48",
+            "warmup_samples = 48\nbn_calibration_batches = 2",
+        );
+        std::fs::write(&cfg, config).expect("write config");
         let mut d = Daemon::start(&cfg, &root.join("odcd.log"));
         let metrics = wait_until(
             "an in-daemon evaluation (odcd_eval_runs_total >= 1)",
@@ -115,6 +117,12 @@ k = [5, 20]
             Some(0),
             "{}",
             d.log_text()
+        );
+        let log = d.log_text();
+        assert!(
+            log.contains("BatchNorm calibrated on the first warm-up batches")
+                && log.contains("\"batches\":2"),
+            "no BatchNorm calibration on 2 batches in the log:\n{log}"
         );
         Trained {
             _dir: dir,
