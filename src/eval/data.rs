@@ -156,6 +156,23 @@ pub async fn load_set(
     Ok(set)
 }
 
+/// `set`'s images as (b, C, H, W) tensors of `batch` images (the last one may be smaller).
+fn batches<'a>(
+    set: &'a LabelledSet,
+    batch: usize,
+    device: &'a Device,
+) -> impl Iterator<Item = Result<Tensor, EvalError>> + 'a {
+    let per = set.per_image();
+    set.pixels.chunks(per * batch.max(1)).map(move |chunk| {
+        Tensor::from_slice(
+            chunk,
+            (chunk.len() / per, set.channels, set.size, set.size),
+            device,
+        )
+        .map_err(EvalError::model)
+    })
+}
+
 /// Features (n × d, row-major) of every image of `set` under `model` in eval mode, `batch`
 /// images at a time; stops with `Cancelled` between batches once `cancel` fires. CPU-heavy:
 /// call it off the async runtime.
@@ -167,16 +184,13 @@ pub fn extract_features(
     device: &Device,
     cancel: Option<&CancellationToken>,
 ) -> Result<(Vec<f32>, usize), EvalError> {
-    let per = set.per_image();
     let mut out = Vec::new();
     let mut d = 0;
-    for chunk in set.pixels.chunks(per * batch.max(1)) {
+    for x in batches(set, batch, device) {
         if cancel.is_some_and(|c| c.is_cancelled()) {
             return Err(EvalError::Cancelled);
         }
-        let b = chunk.len() / per;
-        let x = Tensor::from_slice(chunk, (b, set.channels, set.size, set.size), device)
-            .map_err(EvalError::model)?;
+        let x = x?;
         let f = match kind {
             FeatureKind::Backbone => model.backbone_features(&x, false),
             FeatureKind::Neck => model.features_eval(&x),
@@ -202,20 +216,9 @@ pub fn calibrate_batchnorm(
     batch: usize,
     device: &Device,
 ) -> Result<usize, EvalError> {
-    let per = set.per_image();
-    let xs = set
-        .pixels
-        .chunks(per * batch.max(1))
+    let xs = self::batches(set, batch, device)
         .take(batches)
-        .map(|chunk| {
-            Tensor::from_slice(
-                chunk,
-                (chunk.len() / per, set.channels, set.size, set.size),
-                device,
-            )
-        })
-        .collect::<candle_core::Result<Vec<_>>>()
-        .map_err(EvalError::model)?;
+        .collect::<Result<Vec<_>, _>>()?;
     model
         .calibrate_batchnorm(xs.iter())
         .map_err(EvalError::model)

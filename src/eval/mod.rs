@@ -23,11 +23,11 @@ use crate::config::Config;
 use crate::model::OdcModel;
 use cluster_metrics::{Agreement, ClusterStats};
 use data::{FeatureKind, LabelledSet};
+use knn::KnnResult;
+use linear_probe::{ProbeConfig, ProbeResult};
 
 /// Batches of train images the `random_init_bn_calibrated` baseline calibrates on.
 const RANDOM_BN_BATCHES: usize = 50;
-use knn::KnnResult;
-use linear_probe::{ProbeConfig, ProbeResult};
 
 pub use daemon::{DaemonEval, KnnEvalConfig};
 
@@ -305,14 +305,17 @@ pub async fn run_eval(
         let (ytr, yte, classes) = data::dense_labels(&train.labels, &test.labels);
         let labels = (&ytr[..], &yte[..], classes);
         let mut methods = Vec::new();
+        // Scores `model`'s features of both sets (timed from `t`), then drops the model.
+        let score_model = |name: &str, model: OdcModel, t: Instant| {
+            let extract =
+                |set| data::extract_features(&model, set, opts.feature, opts.batch, &device, None);
+            let (ftr, d) = extract(&train)?;
+            let (fte, _) = extract(&test)?;
+            Ok::<_, EvalError>(score(name, ftr, fte, d, labels, &opts, t))
+        };
         let t = Instant::now();
         let model = build_model(&cfg, Some(&weights), 0, &device)?;
-        let (ftr, d) =
-            data::extract_features(&model, &train, opts.feature, opts.batch, &device, None)?;
-        let (fte, _) =
-            data::extract_features(&model, &test, opts.feature, opts.batch, &device, None)?;
-        drop(model);
-        methods.push(score("odc", ftr, fte, d, labels, &opts, t));
+        methods.push(score_model("odc", model, t)?);
         if opts.baseline_pixels {
             let t = Instant::now();
             methods.push(score(
@@ -328,29 +331,13 @@ pub async fn run_eval(
         if opts.baseline_random {
             let t = Instant::now();
             let model = build_model(&cfg, None, opts.random_seed, &device)?;
-            let (ftr, d) =
-                data::extract_features(&model, &train, opts.feature, opts.batch, &device, None)?;
-            let (fte, _) =
-                data::extract_features(&model, &test, opts.feature, opts.batch, &device, None)?;
-            methods.push(score("random_init", ftr, fte, d, labels, &opts, t));
+            methods.push(score_model("random_init", model, t)?);
             // The same random weights with BatchNorm running statistics measured on train
             // images: separates what training taught the weights from what BN alone does.
             let t = Instant::now();
             let model = build_model(&cfg, None, opts.random_seed, &device)?;
             data::calibrate_batchnorm(&model, &train, RANDOM_BN_BATCHES, opts.batch, &device)?;
-            let (ftr, d) =
-                data::extract_features(&model, &train, opts.feature, opts.batch, &device, None)?;
-            let (fte, _) =
-                data::extract_features(&model, &test, opts.feature, opts.batch, &device, None)?;
-            methods.push(score(
-                "random_init_bn_calibrated",
-                ftr,
-                fte,
-                d,
-                labels,
-                &opts,
-                t,
-            ));
+            methods.push(score_model("random_init_bn_calibrated", model, t)?);
         }
         Ok((methods, classes))
     })
