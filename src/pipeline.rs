@@ -480,57 +480,58 @@ fn train_loop(
             k = cfg.odc.num_clusters,
             "collecting the warm-up buffer"
         );
-        // Warm-up batches read but not embedded yet: the first `bn_calibration_batches`
-        // wait until BatchNorm is calibrated on them.
-        let mut unembedded = 0usize;
-        let mut calibrate = cfg.odc.bn_calibration_batches;
-        loop {
-            if cancel.is_cancelled() {
-                return Ok(summary);
-            }
-            let want_more =
-                !ended && keys.len() < warmup && (calibrate == 0 || unembedded < calibrate);
-            if want_more {
+        let calibrate = cfg.odc.bn_calibration_batches;
+        if calibrate > 0 {
+            // The first batches are read before any is embedded: BatchNorm is calibrated
+            // on them first.
+            while pending.len() < calibrate {
+                if cancel.is_cancelled() {
+                    return Ok(summary);
+                }
                 let Some(batch) = rt.block_on(next_or_cancel(&mut stream, &cancel)) else {
                     ended = true;
-                    if unembedded == 0 {
-                        break;
-                    }
-                    continue;
+                    break;
                 };
                 summary.records += batch.keys.len() as u64;
                 pending.push_back((batch, stream.state().clone()));
-                unembedded += 1;
-                if calibrate > 0 && unembedded < calibrate && !ended {
-                    continue;
+            }
+            let t = Instant::now();
+            let images: Vec<&candle_core::Tensor> =
+                pending.iter().map(|(b, _)| &b.images).collect();
+            let used = trainer.calibrate_batchnorm(&images)?;
+            tracing::info!(
+                batches = used,
+                seconds = format!("{:.2}", t.elapsed().as_secs_f64()),
+                "BatchNorm calibrated on the first warm-up batches"
+            );
+        }
+        // Eval-mode features of a batch's new keys, until the buffer is full (returns
+        // whether it is).
+        let mut add = |batch: &Batch| -> Result<bool, RunError> {
+            let f = trainer.embed(&batch.images)?;
+            for (i, key) in batch.keys.iter().enumerate() {
+                if keys.len() < warmup && seen.insert(key.clone()) {
+                    keys.push(key.clone());
+                    feats.extend_from_slice(&f[i * d..(i + 1) * d]);
                 }
             }
-            if calibrate > 0 {
-                let t = Instant::now();
-                let images: Vec<&candle_core::Tensor> =
-                    pending.iter().map(|(b, _)| &b.images).collect();
-                let used = trainer.calibrate_batchnorm(&images)?;
-                tracing::info!(
-                    batches = used,
-                    seconds = format!("{:.2}", t.elapsed().as_secs_f64()),
-                    "BatchNorm calibrated on the first warm-up batches"
-                );
-                calibrate = 0;
+            Ok(keys.len() >= warmup)
+        };
+        let mut full = false;
+        for (batch, _) in &pending {
+            full = add(batch)?;
+        }
+        while !ended && !full {
+            if cancel.is_cancelled() {
+                return Ok(summary);
             }
-            let first = pending.len() - unembedded;
-            for (batch, _) in pending.iter().skip(first) {
-                let f = trainer.embed(&batch.images)?;
-                for (i, key) in batch.keys.iter().enumerate() {
-                    if keys.len() < warmup && seen.insert(key.clone()) {
-                        keys.push(key.clone());
-                        feats.extend_from_slice(&f[i * d..(i + 1) * d]);
-                    }
-                }
-            }
-            unembedded = 0;
-            if ended || keys.len() >= warmup {
+            let Some(batch) = rt.block_on(next_or_cancel(&mut stream, &cancel)) else {
+                ended = true;
                 break;
-            }
+            };
+            summary.records += batch.keys.len() as u64;
+            full = add(&batch)?;
+            pending.push_back((batch, stream.state().clone()));
         }
         if keys.len() < cfg.odc.num_clusters {
             if cancel.is_cancelled() {
