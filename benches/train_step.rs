@@ -68,7 +68,7 @@ fn main() -> anyhow::Result<()> {
         let out = model.forward_train(&x, step as u64)?;
         let loss = odcd::odc::weighted_cross_entropy_tensor(&out.logits, &y, &w)?;
         let t1 = Instant::now();
-        let grads = loss.backward()?;
+        let grads = model.backward(&loss)?;
         let t2 = Instant::now();
         opt.step(&grads, step as u64)?;
         let t3 = Instant::now();

@@ -411,7 +411,7 @@ impl Trainer {
             hits as f32 / b.max(1) as f32
         };
         let t1 = Instant::now();
-        let grads = loss.backward()?;
+        let grads = self.model.backward(&loss)?;
         let t2 = Instant::now();
         let lr = self.opt.step(&grads, step)?;
         drop(grads);

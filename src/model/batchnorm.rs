@@ -138,7 +138,7 @@ impl CustomOp3 for BnTrainOp {
                 beta.len()
             );
         }
-        if g.count() == 0 {
+        if g.count() == 0 || g.c == 0 {
             candle_core::bail!("batch-norm: empty batch");
         }
         let m = g.count() as f64;
@@ -158,19 +158,30 @@ impl CustomOp3 for BnTrainOp {
             .zip(gamma)
             .map(|(&(_, var), &gm)| (gm as f64 / (var as f64 + self.eps).sqrt()) as f32)
             .collect();
-        let mut y = vec![0f32; x.len()];
         let relu = self.relu;
-        y.par_chunks_mut(g.p)
-            .zip(x.par_chunks(g.p))
-            .enumerate()
-            .for_each(|(pl, (yo, xi))| {
-                let c = pl % g.c;
-                let (scale, mean, shift) = (scales[c], stats[c].0, beta[c]);
-                for (o, &v) in yo.iter_mut().zip(xi) {
-                    let t = (v - mean) * scale + shift;
-                    *o = if relu { t.max(0.0) } else { t };
-                }
-            });
+        let img = g.c * g.p;
+        // SAFETY: every image's c·p outputs are written, channel by channel.
+        let y = unsafe {
+            super::cpu::vec_written_by(x.len(), |y| {
+                // One task per image: on the late stages' 1×1 and 2×2 maps a task per
+                // (image, channel) plane did almost no work per task.
+                y.par_chunks_mut(img)
+                    .zip(x.par_chunks(img))
+                    .for_each(|(yo, xi)| {
+                        for (c, (yo, xi)) in yo
+                            .chunks_exact_mut(g.p)
+                            .zip(xi.chunks_exact(g.p))
+                            .enumerate()
+                        {
+                            let (scale, mean, shift) = (scales[c], stats[c].0, beta[c]);
+                            for (o, &v) in yo.iter_mut().zip(xi) {
+                                let t = (v - mean) * scale + shift;
+                                o.write(if relu { t.max(0.0) } else { t });
+                            }
+                        }
+                    })
+            })
+        };
         let (mean, var) = stats.into_iter().unzip();
         *self.stats.lock().map_err(|_| lock_err())? = Some(BatchStats { mean, var });
         Ok((CpuStorage::F32(y), l1.shape().clone()))
@@ -232,6 +243,9 @@ impl CustomOp3 for BnTrainBwd {
         if l2.shape() != l1.shape() || l3.shape() != l1.shape() || self.gamma.len() != g.c {
             candle_core::bail!("batch-norm backward: shapes do not match the input");
         }
+        if g.count() == 0 || g.c == 0 {
+            candle_core::bail!("batch-norm backward: empty batch");
+        }
         let x = f32_slice(s1, l1, "input")?;
         let dy = f32_slice(s2, l2, "output gradient")?;
         let y = f32_slice(s3, l3, "output")?;
@@ -271,21 +285,35 @@ impl CustomOp3 for BnTrainBwd {
                 (k as f32, b as f32, self.stats.mean[c], (-k * db / m) as f32)
             })
             .collect();
-        let mut out = vec![0f32; x.len() + 2 * g.c];
-        let (dx, tail) = out.split_at_mut(x.len());
-        dx.par_chunks_mut(g.p).enumerate().for_each(|(pl, d)| {
-            let (k, b, mean, cst) = coef[pl % g.c];
-            let base = pl * g.p;
-            for (j, o) in d.iter_mut().enumerate() {
-                let i = base + j;
-                let gy = if relu && y[i] <= 0.0 { 0.0 } else { dy[i] };
-                *o = k * gy - b * (x[i] - mean) + cst;
-            }
-        });
-        for c in 0..g.c {
-            tail[c] = sums[c].0 as f32;
-            tail[g.c + c] = sums[c].1 as f32;
-        }
+        let img = g.c * g.p;
+        // SAFETY: every image's c·p input gradients are written, then the 2·c tail.
+        let out = unsafe {
+            super::cpu::vec_written_by(x.len() + 2 * g.c, |out| {
+                let (dx, tail) = out.split_at_mut(x.len());
+                dx.par_chunks_mut(img)
+                    .zip(
+                        x.par_chunks(img)
+                            .zip(dy.par_chunks(img).zip(y.par_chunks(img))),
+                    )
+                    .for_each(|(d, (x, (dy, y)))| {
+                        let planes = d.chunks_exact_mut(g.p).zip(
+                            x.chunks_exact(g.p)
+                                .zip(dy.chunks_exact(g.p).zip(y.chunks_exact(g.p))),
+                        );
+                        for (c, (d, (x, (dy, y)))) in planes.enumerate() {
+                            let (k, b, mean, cst) = coef[c];
+                            for (o, ((&x, &dy), &y)) in d.iter_mut().zip(x.iter().zip(dy).zip(y)) {
+                                let gy = if relu && y <= 0.0 { 0.0 } else { dy };
+                                o.write(k * gy - b * (x - mean) + cst);
+                            }
+                        }
+                    });
+                for c in 0..g.c {
+                    tail[c].write(sums[c].0 as f32);
+                    tail[g.c + c].write(sums[c].1 as f32);
+                }
+            })
+        };
         Ok((CpuStorage::F32(out), Shape::from(x.len() + 2 * g.c)))
     }
 }

@@ -14,8 +14,12 @@
 //! products). All reductions have a fixed order, so results are bit-for-bit reproducible
 //! for a given thread count.
 
+use std::mem::MaybeUninit;
+
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Shape, Tensor};
 use rayon::prelude::*;
+
+use super::params::WeightGrads;
 
 /// Convolution geometry, shared by the forward and both backward ops.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -121,28 +125,140 @@ fn gemm_f32(
     b_cs: usize,
     accumulate: bool,
 ) -> candle_core::Result<()> {
-    if m == 0 || n == 0 {
+    if dst.len() < m * n {
+        candle_core::bail!("conv2d: GEMM output shorter than its shape (internal error)");
+    }
+    if k == 0 && !accumulate {
+        dst[..m * n].fill(0.0);
         return Ok(());
     }
+    // SAFETY: dst holds m·n initialised values (checked above).
+    unsafe {
+        gemm_raw(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            a,
+            a_rs,
+            a_cs,
+            b,
+            b_rs,
+            b_cs,
+            accumulate,
+        )
+    }
+}
+
+/// `dst` (m × n, row-major, uninitialised) = A·B. Every element is written, with zeros
+/// when k = 0 or on an error (which is returned).
+#[allow(clippy::too_many_arguments)]
+fn gemm_write(
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: &mut [MaybeUninit<f32>],
+    a: &[f32],
+    a_rs: usize,
+    a_cs: usize,
+    b: &[f32],
+    b_rs: usize,
+    b_cs: usize,
+) -> candle_core::Result<()> {
+    let zero = |dst: &mut [MaybeUninit<f32>]| {
+        dst.iter_mut().for_each(|d| {
+            d.write(0.0);
+        })
+    };
+    if dst.len() != m * n {
+        zero(dst);
+        candle_core::bail!("conv2d: GEMM output of the wrong size (internal error)");
+    }
     if k == 0 {
-        if !accumulate {
-            dst[..m * n].fill(0.0);
-        }
+        zero(dst);
+        return Ok(());
+    }
+    // SAFETY: dst is valid for m·n writes and borrowed mutably, so it overlaps neither
+    // operand; with `accumulate` off nothing is read from it.
+    let result = unsafe {
+        gemm_raw(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr().cast::<f32>(),
+            a,
+            a_rs,
+            a_cs,
+            b,
+            b_rs,
+            b_cs,
+            false,
+        )
+    };
+    if result.is_err() {
+        zero(dst);
+    }
+    result
+}
+
+/// A new m × n row-major matrix A·B, written by the GEMM without zero-filling it first.
+#[allow(clippy::too_many_arguments)]
+fn gemm_new(
+    m: usize,
+    n: usize,
+    k: usize,
+    a: &[f32],
+    a_rs: usize,
+    a_cs: usize,
+    b: &[f32],
+    b_rs: usize,
+    b_cs: usize,
+) -> candle_core::Result<Vec<f32>> {
+    let mut result = Ok(());
+    // SAFETY: gemm_write writes every element, on success and on error.
+    let v = unsafe {
+        super::cpu::vec_written_by(m * n, |dst| {
+            result = gemm_write(m, n, k, dst, a, a_rs, a_cs, b, b_rs, b_cs);
+        })
+    };
+    result.map(|()| v)
+}
+
+/// The GEMM call behind [`gemm_f32`] and [`gemm_new`].
+///
+/// # Safety
+/// `dst` must be valid for m·n writes (and reads when `accumulate`), contiguous row-major,
+/// and must not overlap `a` or `b`.
+#[allow(clippy::too_many_arguments)]
+unsafe fn gemm_raw(
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: *mut f32,
+    a: &[f32],
+    a_rs: usize,
+    a_cs: usize,
+    b: &[f32],
+    b_rs: usize,
+    b_cs: usize,
+    accumulate: bool,
+) -> candle_core::Result<()> {
+    if m == 0 || n == 0 || k == 0 {
         return Ok(());
     }
     let last = |rows: usize, cols: usize, rs: usize, cs: usize| (rows - 1) * rs + (cols - 1) * cs;
-    if dst.len() < m * n || a.len() <= last(m, k, a_rs, a_cs) || b.len() <= last(k, n, b_rs, b_cs) {
+    if a.len() <= last(m, k, a_rs, a_cs) || b.len() <= last(k, n, b_rs, b_cs) {
         candle_core::bail!("conv2d: GEMM operand shorter than its shape (internal error)");
     }
-    // SAFETY: the extents of all three matrices were checked against the slices above,
-    // dst is borrowed mutably (no aliasing with a or b), and the strides fit in isize
-    // because they index allocations that exist.
+    // SAFETY: the extents of a and b were checked against their slices above, dst is valid
+    // for m·n elements by this function's contract, and the strides fit in isize because
+    // they index allocations that exist.
     unsafe {
         gemm::gemm(
             m,
             n,
             k,
-            dst.as_mut_ptr(),
+            dst,
             1,
             n as isize,
             accumulate,
@@ -189,24 +305,48 @@ fn tap_tables(g: &Geom) -> Vec<Vec<usize>> {
         .collect()
 }
 
+/// True for a stride-1 conv whose output has the input's size ("same" padding, e.g. 3×3
+/// pad 1). For kernel tap (ky, kx) its column row is then the input plane shifted by one
+/// constant offset, with the padded border zeroed: one contiguous copy per plane.
+fn is_same_shift(g: &Geom) -> bool {
+    g.stride == 1 && (g.ho, g.wo) == (g.h, g.w) && g.padding < g.h && g.padding < g.w
+}
+
 /// Column matrix of `x` (N, C, H, W): row (c, ky, kx), column (n, oy, ox), zero padding.
 fn im2col(g: &Geom, x: &[f32]) -> Vec<f32> {
     let (hw, hwo, cols) = (g.h * g.w, g.hw_out(), g.cols());
-    let mut col = vec![0f32; g.ckk() * cols];
+    let taps = g.kh * g.kw;
+    let len = g.ckk() * cols;
+    if is_same_shift(g) {
+        // SAFETY: every row is written whole: the rows above and below the input are
+        // zeroed, the rest is copied and its wrapped-around border columns zeroed.
+        return unsafe {
+            super::cpu::vec_written_by(len, |col| {
+                col.par_chunks_mut(cols).enumerate().for_each(|(r, row)| {
+                    let (c, ky, kx) = (r / taps, (r % taps) / g.kw, r % g.kw);
+                    shift_row(g, x, c, ky, kx, row);
+                })
+            })
+        };
+    }
     if g.wo <= GATHER_MAX_WIDTH {
         let tables = tap_tables(g);
-        let taps = g.kh * g.kw;
-        col.par_chunks_mut(cols).enumerate().for_each(|(r, row)| {
-            let (c, table) = (r / taps, &tables[r % taps]);
-            for (b, out) in row.chunks_exact_mut(hwo).enumerate() {
-                let plane = &x[(b * g.c_in + c) * hw..(b * g.c_in + c + 1) * hw];
-                for (d, &i) in out.iter_mut().zip(table) {
-                    *d = plane.get(i).copied().unwrap_or(0.0);
-                }
-            }
-        });
-        return col;
+        // SAFETY: the gather writes every element of every row (padding reads as 0).
+        return unsafe {
+            super::cpu::vec_written_by(len, |col| {
+                col.par_chunks_mut(cols).enumerate().for_each(|(r, row)| {
+                    let (c, table) = (r / taps, &tables[r % taps]);
+                    for (b, out) in row.chunks_exact_mut(hwo).enumerate() {
+                        let plane = &x[(b * g.c_in + c) * hw..(b * g.c_in + c + 1) * hw];
+                        for (d, &i) in out.iter_mut().zip(table) {
+                            d.write(plane.get(i).copied().unwrap_or(0.0));
+                        }
+                    }
+                })
+            })
+        };
     }
+    let mut col = vec![0f32; len];
     col.par_chunks_mut(cols).enumerate().for_each(|(r, row)| {
         let kx = r % g.kw;
         let ky = (r / g.kw) % g.kh;
@@ -237,11 +377,48 @@ fn im2col(g: &Geom, x: &[f32]) -> Vec<f32> {
     col
 }
 
+/// One column-matrix row of an [`is_same_shift`] conv, for channel `c` and tap (ky, kx):
+/// out[j] = plane[j + (ky − p)·w + (kx − p)] inside the input, 0 where the tap reads padding.
+fn shift_row(g: &Geom, x: &[f32], c: usize, ky: usize, kx: usize, row: &mut [MaybeUninit<f32>]) {
+    let (w, hw) = (g.w, g.h * g.w);
+    let (oy_lo, oy_hi) = g.valid_range(ky, g.h, g.ho);
+    let (ox_lo, ox_hi) = g.valid_range(kx, g.w, g.wo);
+    let zero = |s: &mut [MaybeUninit<f32>]| {
+        s.iter_mut().for_each(|d| {
+            d.write(0.0);
+        })
+    };
+    for (b, out) in row.chunks_exact_mut(hw).enumerate() {
+        let plane = &x[(b * g.c_in + c) * hw..(b * g.c_in + c + 1) * hw];
+        zero(&mut out[..oy_lo * w]);
+        zero(&mut out[oy_hi * w..]);
+        if oy_lo >= oy_hi {
+            continue;
+        }
+        // Flat output indices [lo, hi) read plane[j + ky·w + kx − p·(w + 1)], all inside
+        // the plane; within it, columns outside [ox_lo, ox_hi) wrapped to the next or
+        // previous row and are zeroed after the copy.
+        let (lo, hi) = (oy_lo * w + ox_lo, (oy_hi - 1) * w + ox_hi);
+        let src_lo = lo + ky * w + kx - g.padding * (w + 1);
+        for (d, &v) in out[lo..hi]
+            .iter_mut()
+            .zip(&plane[src_lo..src_lo + (hi - lo)])
+        {
+            d.write(v);
+        }
+        for oy in oy_lo..oy_hi {
+            zero(&mut out[oy * w..oy * w + ox_lo]);
+            zero(&mut out[oy * w + ox_hi..(oy + 1) * w]);
+        }
+    }
+}
+
 /// Adjoint of [`im2col`]: sums the column matrix into `x`, an (N, C, H, W) gradient that
 /// must hold zeros. One task per (n, c) plane, so every sum has a fixed order.
 fn col2im_into(g: &Geom, col: &[f32], x: &mut [f32]) {
     let (hw, hwo, cols) = (g.h * g.w, g.hw_out(), g.cols());
-    if g.wo <= GATHER_MAX_WIDTH {
+    // Stride-1 "same" convs take the row path: its adds are contiguous runs of w − |kx − p|.
+    if g.wo <= GATHER_MAX_WIDTH && !is_same_shift(g) {
         // One task per image (planes are tiny); within a plane the taps are summed in the
         // same order as below, so both paths give the same bits.
         let tables = tap_tables(g);
@@ -297,20 +474,36 @@ fn col2im_into(g: &Geom, col: &[f32], x: &mut [f32]) {
 
 /// (N, C, P) → (C, N·P): the batch-major layout of the GEMMs from/to candle's NCHW.
 fn nc_to_cn(src: &[f32], n: usize, c: usize, p: usize) -> Vec<f32> {
-    let mut dst = vec![0f32; n * c * p];
-    dst.par_chunks_mut(n * p).enumerate().for_each(|(ci, row)| {
-        for b in 0..n {
-            row[b * p..(b + 1) * p].copy_from_slice(&src[(b * c + ci) * p..(b * c + ci + 1) * p]);
-        }
-    });
-    dst
+    // SAFETY: row ci is the n copies of (b, ci)'s p values, all n·p elements written.
+    unsafe {
+        super::cpu::vec_written_by(n * c * p, |dst| {
+            dst.par_chunks_mut(n * p).enumerate().for_each(|(ci, row)| {
+                for (b, out) in row.chunks_exact_mut(p).enumerate() {
+                    let plane = &src[(b * c + ci) * p..(b * c + ci + 1) * p];
+                    for (d, &v) in out.iter_mut().zip(plane) {
+                        d.write(v);
+                    }
+                }
+            })
+        })
+    }
 }
 
 /// (C, N·P) → (N, C, P).
 fn cn_to_nc(src: &[f32], n: usize, c: usize, p: usize) -> Vec<f32> {
-    let mut dst = vec![0f32; n * c * p];
-    cn_to_nc_into(src, n, c, p, &mut dst);
-    dst
+    // SAFETY: image b is the c copies of (ci, b)'s p values, all c·p elements written.
+    unsafe {
+        super::cpu::vec_written_by(n * c * p, |dst| {
+            dst.par_chunks_mut(c * p).enumerate().for_each(|(b, img)| {
+                for (ci, out) in img.chunks_exact_mut(p).enumerate() {
+                    let plane = &src[ci * n * p + b * p..ci * n * p + (b + 1) * p];
+                    for (d, &v) in out.iter_mut().zip(plane) {
+                        d.write(v);
+                    }
+                }
+            })
+        })
+    }
 }
 
 /// (C, N·P) → (N, C, P), into `dst` (n·c·p values).
@@ -361,6 +554,9 @@ struct Conv2dOp {
     /// The input needs a gradient (false for the stem's images: its col2im and GEMM are
     /// skipped).
     input_grad: bool,
+    /// The weight operand is a detached copy of this parameter, whose gradient goes to
+    /// these [`WeightGrads`] instead of candle's graph (see [`conv2d_param`]).
+    weight_grad_to: Option<(Tensor, WeightGrads)>,
 }
 
 impl CustomOp2 for Conv2dOp {
@@ -381,26 +577,12 @@ impl CustomOp2 for Conv2dOp {
         if let Some(t) = centre_tap(&g) {
             // Yᵀ (n × c_out) = X (n × c_in) · W_tᵀ (c_in × c_out): already NCHW with 1×1 maps.
             let (kk, ckk) = (g.kh * g.kw, g.ckk());
-            let mut y = vec![0f32; g.n * g.c_out];
-            gemm_f32(
-                g.n,
-                g.c_out,
-                g.c_in,
-                &mut y,
-                x,
-                g.c_in,
-                1,
-                &wt[t..],
-                kk,
-                ckk,
-                false,
-            )?;
+            let y = gemm_new(g.n, g.c_out, g.c_in, x, g.c_in, 1, &wt[t..], kk, ckk)?;
             return Ok((CpuStorage::F32(y), Shape::from((g.n, g.c_out, 1, 1))));
         }
         let col = columns(&g, x);
         let (ckk, cols) = (g.ckk(), g.cols());
-        let mut y = vec![0f32; g.c_out * cols];
-        gemm_f32(g.c_out, cols, ckk, &mut y, wt, ckk, 1, &col, cols, 1, false)?;
+        let y = gemm_new(g.c_out, cols, ckk, wt, ckk, 1, &col, cols, 1)?;
         drop(col);
         let out = cn_to_nc(&y, g.n, g.c_out, g.hw_out());
         Ok((
@@ -418,7 +600,7 @@ impl CustomOp2 for Conv2dOp {
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
         let grad = grad.contiguous()?;
         // Both gradients from one op: the output gradient is re-laid out once. The result is
-        // [grad_input | grad_weight], flat. (Keeping the forward's column matrix instead of
+        // [grad_weight | grad_input], flat. (Keeping the forward's column matrix instead of
         // building it again measured no faster: fresh pages cost what im2col saves.)
         let both = x.apply_op3_no_bwd(
             w,
@@ -431,17 +613,21 @@ impl CustomOp2 for Conv2dOp {
         )?;
         let nw = w.elem_count();
         let nx = if self.input_grad { x.elem_count() } else { 0 };
-        let gw = both.narrow(0, nx, nw)?.reshape(w.shape())?;
+        let gw = both.narrow(0, 0, nw)?.reshape(w.shape())?;
         let gx = if self.input_grad {
-            Some(both.narrow(0, 0, nx)?.reshape(x.shape())?)
+            Some(both.narrow(0, nw, nx)?.reshape(x.shape())?)
         } else {
             None
         };
+        if let Some((param, to)) = &self.weight_grad_to {
+            to.push(param.clone(), gw);
+            return Ok((gx, None));
+        }
         Ok((gx, Some(gw)))
     }
 }
 
-/// (input, weight, grad_out) → [grad_input | grad_weight] flattened (grad_weight alone
+/// (input, weight, grad_out) → [grad_weight | grad_input] flattened (grad_weight alone
 /// without `input_grad`): grad_weight = dY · colᵀ (summed over the batch inside the GEMM),
 /// grad_input = col2im(Wᵀ · dY).
 struct Conv2dBackward {
@@ -491,27 +677,36 @@ impl CustomOp3 for Conv2dBackward {
         } else {
             0
         };
-        let mut out = vec![0f32; nx + g.c_out * ckk];
-        let (dx, dw) = out.split_at_mut(nx);
-        {
+        let nw = g.c_out * ckk;
+        let mut out = {
             let col = columns(&g, f32_slice(s1, l1, "input")?);
-            // dW (c_out × ckk) = dY (c_out × cols) · colᵀ (cols × ckk)
-            gemm_f32(g.c_out, ckk, cols, dw, &dy, cols, 1, &col, 1, cols, false)?;
-        }
-        if !self.input_grad {
-            let len = out.len();
-            return Ok((CpuStorage::F32(out), Shape::from(len)));
-        }
-        // dcol (ckk × cols) = Wᵀ (ckk × c_out) · dY (c_out × cols)
-        let mut dcol = vec![0f32; ckk * cols];
-        gemm_f32(
-            ckk, cols, g.c_out, &mut dcol, wt, 1, ckk, &dy, cols, 1, false,
-        )?;
-        drop(dy);
-        if is_pointwise(&g) {
-            cn_to_nc_into(&dcol, g.n, g.c_in, g.h * g.w, dx);
-        } else {
-            col2im_into(&g, &dcol, dx);
+            let mut result = Ok(());
+            // SAFETY: gemm_write writes all of dW; dX is zeroed (col2im adds into it).
+            let out = unsafe {
+                super::cpu::vec_written_by(nw + nx, |out| {
+                    let (dw, dx) = out.split_at_mut(nw);
+                    // dW (c_out × ckk) = dY (c_out × cols) · colᵀ (cols × ckk)
+                    result = gemm_write(g.c_out, ckk, cols, dw, &dy, cols, 1, &col, 1, cols);
+                    dx.par_chunks_mut(1 << 16).for_each(|d| {
+                        d.iter_mut().for_each(|v| {
+                            v.write(0.0);
+                        })
+                    });
+                })
+            };
+            result?;
+            out
+        };
+        if self.input_grad {
+            // dcol (ckk × cols) = Wᵀ (ckk × c_out) · dY (c_out × cols)
+            let dcol = gemm_new(ckk, cols, g.c_out, wt, 1, ckk, &dy, cols, 1)?;
+            drop(dy);
+            let dx = &mut out[nw..];
+            if is_pointwise(&g) {
+                cn_to_nc_into(&dcol, g.n, g.c_in, g.h * g.w, dx);
+            } else {
+                col2im_into(&g, &dcol, dx);
+            }
         }
         let len = out.len();
         Ok((CpuStorage::F32(out), Shape::from(len)))
@@ -530,8 +725,8 @@ fn centre_tap_backward(
 ) -> candle_core::Result<(CpuStorage, Shape)> {
     let (kk, ckk) = (g.kh * g.kw, g.ckk());
     let nx = if input_grad { g.n * g.c_in } else { 0 };
-    let mut out = vec![0f32; nx + g.c_out * ckk];
-    let (dx, dw) = out.split_at_mut(nx);
+    let mut out = vec![0f32; g.c_out * ckk + nx];
+    let (dw, dx) = out.split_at_mut(g.c_out * ckk);
     if input_grad {
         gemm_f32(
             g.n,
@@ -547,10 +742,7 @@ fn centre_tap_backward(
             false,
         )?;
     }
-    let mut dwt = vec![0f32; g.c_out * g.c_in];
-    gemm_f32(
-        g.c_out, g.c_in, g.n, &mut dwt, dy, 1, g.c_out, x, g.c_in, 1, false,
-    )?;
+    let dwt = gemm_new(g.c_out, g.c_in, g.n, dy, 1, g.c_out, x, g.c_in, 1)?;
     for (row, src) in dw.chunks_exact_mut(ckk).zip(dwt.chunks_exact(g.c_in)) {
         for (ci, v) in src.iter().enumerate() {
             row[ci * kk + t] = *v;
@@ -579,11 +771,41 @@ pub fn conv2d(
                 stride,
                 padding,
                 input_grad: x.track_op(),
+                weight_grad_to: None,
             },
         )
     } else {
         x.conv2d(weight, padding, stride, 1, 1)
     }
+}
+
+/// [`conv2d`] with a parameter `weight` whose gradient, on CPU, goes to `grads` instead of
+/// candle's graph (so candle does not zero-fill and add a weight-sized buffer for it); the
+/// caller moves it into the `GradStore` after the backward ([`WeightGrads::drain_into`]).
+/// Applies when the input is part of the graph (the backward reaches the op through it);
+/// otherwise, and on other devices, this is [`conv2d`].
+pub(crate) fn conv2d_param(
+    x: &Tensor,
+    weight: &Tensor,
+    stride: usize,
+    padding: usize,
+    grads: &WeightGrads,
+) -> candle_core::Result<Tensor> {
+    let cpu_f32 = x.device().is_cpu()
+        && x.dtype() == candle_core::DType::F32
+        && weight.dtype() == candle_core::DType::F32;
+    if !(cpu_f32 && x.track_op() && weight.is_variable()) {
+        return conv2d(x, weight, stride, padding);
+    }
+    x.contiguous()?.apply_op2(
+        &weight.detach().contiguous()?,
+        Conv2dOp {
+            stride,
+            padding,
+            input_grad: true,
+            weight_grad_to: Some((weight.clone(), grads.clone())),
+        },
+    )
 }
 
 #[cfg(test)]
@@ -715,6 +937,8 @@ mod tests {
             (3, 2, 0),
             (1, 1, 1),
             (5, 3, 2),
+            // stride-1 "same" convs take the shifted-copy path (a 5×5 shifts by up to 2)
+            (5, 1, 2),
         ];
         for &(k, s, p) in &kinds {
             for &(n, c_in, h, w, c_out) in &[
@@ -764,6 +988,34 @@ mod tests {
             assert!(g_plain.get(&x).is_none());
             assert!(g_var.get(xv.as_tensor()).is_some());
         }
+        Ok(())
+    }
+
+    #[test]
+    fn handed_over_weight_gradient_equals_candles() -> candle_core::Result<()> {
+        let dev = Device::Cpu;
+        let x = Var::randn(0f32, 1f32, (3, 4, 6, 5), &dev)?;
+        let w = Var::randn(0f32, 1f32, (5, 4, 3, 3), &dev)?;
+        let loss = |y: Tensor| y.sqr()?.sum_all();
+        let reference = loss(conv2d(x.as_tensor(), w.as_tensor(), 2, 1)?)?.backward()?;
+        let to = WeightGrads::default();
+        // used twice in one graph: the two handed-over gradients are summed
+        let y = conv2d_param(x.as_tensor(), w.as_tensor(), 2, 1, &to)?;
+        let mut grads = (loss(y.clone())? + loss(y)?)?.backward()?;
+        assert!(
+            grads.get(w.as_tensor()).is_none(),
+            "not through candle's graph"
+        );
+        to.drain_into(&mut grads)?;
+        let got = (grads.get(w.as_tensor()).expect("handed over") / 2.0)?;
+        let want = reference.get(w.as_tensor()).expect("weight gradient");
+        assert!(max_rel_err(&got, want)? < 1e-6);
+        let gx = (grads.get(x.as_tensor()).expect("input gradient") / 2.0)?;
+        assert!(max_rel_err(&gx, reference.get(x.as_tensor()).expect("input"))? < 1e-6);
+        // an input outside the graph (the stem's images): candle's own path
+        let plain = Tensor::randn(0f32, 1f32, (2, 4, 5, 5), &dev)?;
+        let g = loss(conv2d_param(&plain, w.as_tensor(), 1, 1, &to)?)?.backward()?;
+        assert!(g.get(w.as_tensor()).is_some());
         Ok(())
     }
 

@@ -6,7 +6,7 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 use super::batchnorm::batch_norm_train_cpu;
-use super::params::{BnMomentumOverride, Buffer, ParamStore};
+use super::params::{BnMomentumOverride, Buffer, ParamStore, WeightGrads};
 use super::ModelError;
 
 /// 2-D convolution without bias (ResNet convs are always followed by BatchNorm).
@@ -15,6 +15,7 @@ pub struct Conv2d {
     weight: Tensor,
     stride: usize,
     padding: usize,
+    weight_grads: WeightGrads,
 }
 
 impl Conv2d {
@@ -32,11 +33,18 @@ impl Conv2d {
             weight,
             stride,
             padding,
+            weight_grads: ps.weight_grads().clone(),
         })
     }
 
     pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        super::conv::conv2d(x, &self.weight, self.stride, self.padding)
+        super::conv::conv2d_param(
+            x,
+            &self.weight,
+            self.stride,
+            self.padding,
+            &self.weight_grads,
+        )
     }
 }
 

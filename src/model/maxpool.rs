@@ -89,18 +89,27 @@ impl MaxPool2d {
             for y in ylo..yhi.max(ylo) {
                 let row = &plane[y * w..(y + 1) * w];
                 for dx in 0..k {
-                    for (ox, (b_i, b_v)) in bi.iter_mut().zip(bv.iter_mut()).enumerate() {
-                        let Some(xx) = (ox * s + dx).checked_sub(p) else {
-                            continue;
-                        };
-                        let Some(&v) = row.get(xx) else { continue };
+                    // Output columns whose tap dx lies inside the row: ox·s + dx − p ∈ [0, w).
+                    let lo = if dx >= p { 0 } else { (p - dx).div_ceil(s) };
+                    let hi = if w + p > dx {
+                        ((w - 1 + p - dx) / s + 1).min(wo)
+                    } else {
+                        0
+                    };
+                    if lo >= hi {
+                        continue;
+                    }
+                    let x0 = lo * s + dx - p;
+                    let taps = row[x0..].iter().step_by(s);
+                    let outs = bi[lo..hi].iter_mut().zip(bv[lo..hi].iter_mut());
+                    for (j, (&v, (b_i, b_v))) in taps.zip(outs).enumerate() {
                         // Selected through bit masks, not a branch (the compiler turned an
                         // `if` into a jump that random data mispredicts half the time).
                         let take = (*b_i < 0) | (v > *b_v) | (v.is_nan() & !b_v.is_nan());
                         let m32 = (take as u32).wrapping_neg();
                         let m64 = (take as i64).wrapping_neg();
                         *b_v = f32::from_bits((v.to_bits() & m32) | (b_v.to_bits() & !m32));
-                        *b_i = (((y * w + xx) as i64) & m64) | (*b_i & !m64);
+                        *b_i = (((y * w + x0 + j * s) as i64) & m64) | (*b_i & !m64);
                     }
                 }
             }

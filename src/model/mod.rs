@@ -14,6 +14,7 @@ pub mod params;
 pub mod residual;
 pub mod resnet;
 
+use candle_core::backprop::GradStore;
 use candle_core::{Device, Module, Tensor, D};
 use serde::{Deserialize, Serialize};
 
@@ -241,6 +242,18 @@ impl OdcModel {
         Ok(TrainOutput { features, logits })
     }
 
+    /// Gradients of `loss` (a scalar computed from [`Self::forward_train`]'s outputs) for
+    /// every parameter: candle's backward, plus the conv weight gradients that the CPU conv
+    /// kernels hand over outside candle's graph ([`params::WeightGrads`]). Use this rather
+    /// than `loss.backward()`, which would leave those out.
+    pub fn backward(&self, loss: &Tensor) -> candle_core::Result<GradStore> {
+        // left over from a `loss.backward()` called directly: not this loss's
+        self.ps.weight_grads().clear();
+        let mut grads = loss.backward()?;
+        self.ps.weight_grads().drain_into(&mut grads)?;
+        Ok(grads)
+    }
+
     /// Eval-mode neck feature (B, D): running statistics, no dropout. Used for the initial
     /// clustering and for embeddings.
     pub fn features_eval(&self, x: &Tensor) -> candle_core::Result<Tensor> {
@@ -333,6 +346,24 @@ mod tests {
             feat_dim: 16,
             ..ModelConfig::default()
         }
+    }
+
+    #[test]
+    fn backward_gives_every_parameter_a_gradient() -> Result<(), ModelError> {
+        let dev = Device::Cpu;
+        let m = OdcModel::new(&small_cfg(Arch::Resnet18, 3, false), 10, &dev, 1)?;
+        let x = Tensor::randn(0f32, 1f32, (4, 3, 32, 32), &dev)?;
+        let out = m.forward_train(&x, 0)?;
+        let grads = m.backward(&out.logits.sqr()?.sum_all()?)?;
+        for (name, var) in m.params().params() {
+            let g = grads.get(var.as_tensor());
+            assert!(g.is_some(), "no gradient for {name}");
+            let g = g.map(|g| g.dims().to_vec());
+            assert_eq!(g.as_deref(), Some(var.dims()), "{name}");
+        }
+        // all collected: nothing is left over to be added to the next step's gradients
+        assert_eq!(m.params().weight_grads().len(), 0);
+        Ok(())
     }
 
     #[test]
