@@ -113,5 +113,6 @@ for step in range(STEPS + 1):
 med = lambda v: sorted(v)[len(v) // 2]
 s = med(times)
 print(f"pytorch {torch.__version__} {ARCH} 3x{SIZE}x{SIZE} batch {BATCH}: step {s*1e3:.1f} ms "
-      f"(forward {med(tf)*1e3:.1f} ms, backward {med(tb)*1e3:.1f} ms), {BATCH/s:.1f} images/s, "
+      f"(forward {med(tf)*1e3:.1f} ms, backward {med(tb)*1e3:.1f} ms, fastest step {min(times)*1e3:.1f} ms), "
+      f"{BATCH/s:.1f} images/s, "
       f"threads {torch.get_num_threads()}")
