@@ -291,14 +291,15 @@ mod fused {
             // first step: v = g + wd·p (the zeros are multiplied by μ = 0)
             None => (vec![0f32; p.elem_count()], true),
         };
-        let op = Update {
-            lr,
-            wd,
-            mu: slot.momentum as f32,
-            velocity: Some((Mutex::new(&mut v), first)),
-        };
-        let result = p.inplace_op2(&g, &op);
-        drop(op);
+        let result = p.inplace_op2(
+            &g,
+            &Update {
+                lr,
+                wd,
+                mu: slot.momentum as f32,
+                velocity: Some((Mutex::new(&mut v), first)),
+            },
+        );
         slot.velocity = Some(Velocity::Host(v));
         result?;
         Ok(())
