@@ -77,6 +77,7 @@ impl MaxPool2d {
         vals: &mut [f32],
     ) {
         let (k, s, p) = (self.kernel, self.stride, self.padding);
+        let (mut even, mut odd) = (Vec::with_capacity(w / 2 + 1), Vec::with_capacity(w / 2));
         for oy in 0..ho {
             let (ylo, yhi) = ((oy * s).max(p) - p, (oy * s + k).saturating_sub(p).min(h));
             let bi = &mut idx[oy * wo..(oy + 1) * wo];
@@ -88,6 +89,18 @@ impl MaxPool2d {
             // latency-bound), and each pixel still sees its taps in row-major order.
             for y in ylo..yhi.max(ylo) {
                 let row = &plane[y * w..(y + 1) * w];
+                if s == 2 {
+                    // Even and odd columns apart: every tap then reads a contiguous run, and
+                    // the loop below vectorises (the stride-2 reads did not).
+                    even.clear();
+                    odd.clear();
+                    for pair in row.chunks(2) {
+                        even.push(pair[0]);
+                        if let Some(&v) = pair.get(1) {
+                            odd.push(v);
+                        }
+                    }
+                }
                 for dx in 0..k {
                     // Output columns whose tap dx lies inside the row: ox·s + dx − p ∈ [0, w).
                     let lo = if dx >= p { 0 } else { (p - dx).div_ceil(s) };
@@ -100,21 +113,37 @@ impl MaxPool2d {
                         continue;
                     }
                     let x0 = lo * s + dx - p;
-                    let taps = row[x0..].iter().step_by(s);
                     let outs = bi[lo..hi].iter_mut().zip(bv[lo..hi].iter_mut());
-                    for (j, (&v, (b_i, b_v))) in taps.zip(outs).enumerate() {
-                        // Selected through bit masks, not a branch (the compiler turned an
-                        // `if` into a jump that random data mispredicts half the time).
-                        let take = (*b_i < 0) | (v > *b_v) | (v.is_nan() & !b_v.is_nan());
-                        let m32 = (take as u32).wrapping_neg();
-                        let m64 = (take as i64).wrapping_neg();
-                        *b_v = f32::from_bits((v.to_bits() & m32) | (b_v.to_bits() & !m32));
-                        *b_i = (((y * w + x0 + j * s) as i64) & m64) | (*b_i & !m64);
+                    let base = (y * w + x0) as i64;
+                    if s == 2 {
+                        // x = x0 + 2j is column (x0 + 2j) / 2 of the even or odd half
+                        let half = if x0 % 2 == 0 { &even } else { &odd };
+                        let run = &half[x0 / 2..x0 / 2 + (hi - lo)];
+                        for (j, (&v, (b_i, b_v))) in run.iter().zip(outs).enumerate() {
+                            take_if_greater(v, base + 2 * j as i64, b_v, b_i);
+                        }
+                    } else {
+                        let taps = row[x0..].iter().step_by(s);
+                        for (j, (&v, (b_i, b_v))) in taps.zip(outs).enumerate() {
+                            take_if_greater(v, base + (j * s) as i64, b_v, b_i);
+                        }
                     }
                 }
             }
         }
     }
+}
+
+/// Running maximum of one output pixel: takes (v, i) when there is none yet, v is larger, or
+/// v is the first NaN (NaN propagates like PyTorch). Selected through bit masks, not a branch
+/// (the compiler turned an `if` into a jump that random data mispredicts half the time).
+#[inline(always)]
+fn take_if_greater(v: f32, i: i64, b_v: &mut f32, b_i: &mut i64) {
+    let take = (*b_i < 0) | (v > *b_v) | (v.is_nan() & !b_v.is_nan());
+    let m32 = (take as u32).wrapping_neg();
+    let m64 = (take as i64).wrapping_neg();
+    *b_v = f32::from_bits((v.to_bits() & m32) | (b_v.to_bits() & !m32));
+    *b_i = (i & m64) | (*b_i & !m64);
 }
 
 fn dims4(layout: &Layout) -> candle_core::Result<(usize, usize, usize, usize)> {
