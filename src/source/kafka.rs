@@ -767,14 +767,16 @@ fn message_items<M: Message>(m: &M, cfg: &KafkaSourceConfig, shared: &Shared) ->
             skip,
         });
     }
-    let mut label = None;
-    let mut content_type = None;
+    // Header values borrowed from the message (copied only when not UTF-8).
+    let mut label: Option<std::borrow::Cow<str>> = None;
+    let mut content_type: Option<std::borrow::Cow<str>> = None;
     if let Some(h) = m.headers() {
         for i in 0..h.count() {
             let hd = h.get(i);
-            let v = hd
-                .value
-                .map(|v| String::from_utf8_lossy(v).trim().to_string());
+            let v = hd.value.map(|v| match String::from_utf8_lossy(v) {
+                std::borrow::Cow::Borrowed(s) => std::borrow::Cow::Borrowed(s.trim()),
+                std::borrow::Cow::Owned(s) => std::borrow::Cow::Owned(s.trim().to_string()),
+            });
             if hd.key == cfg.label_header {
                 label = v;
             } else if hd.key == cfg.content_type_header {
