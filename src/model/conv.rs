@@ -121,47 +121,60 @@ impl Geom {
     }
 }
 
-/// `dst` (m × n, row-major, contiguous) = A·B (or dst + A·B when `accumulate`), A m×k and
-/// B k×n given by row and column strides into their slices. Bounds are checked here so the
-/// unsafe call below cannot read or write outside the slices.
-#[allow(clippy::too_many_arguments)]
-fn gemm_f32(
+/// A GEMM operand: element (r, c) is `data[r·rs + c·cs]`.
+#[derive(Clone, Copy)]
+struct Mat<'a> {
+    data: &'a [f32],
+    rs: usize,
+    cs: usize,
+}
+
+impl<'a> Mat<'a> {
+    fn new(data: &'a [f32], rs: usize, cs: usize) -> Self {
+        Mat { data, rs, cs }
+    }
+
+    /// True when a rows × cols view lies inside `data`.
+    fn fits(&self, rows: usize, cols: usize) -> bool {
+        rows == 0 || cols == 0 || (rows - 1) * self.rs + (cols - 1) * self.cs < self.data.len()
+    }
+
+    /// The view from column `c0` on (empty, and so failing [`Mat::fits`], past the end).
+    fn skip_cols(self, c0: usize) -> Self {
+        Mat {
+            data: self.data.get(c0 * self.cs..).unwrap_or_default(),
+            ..self
+        }
+    }
+
+    /// The view from row `r0` on.
+    fn skip_rows(self, r0: usize) -> Self {
+        Mat {
+            data: self.data.get(r0 * self.rs..).unwrap_or_default(),
+            ..self
+        }
+    }
+}
+
+/// The shape of a product: dst (m × n) = A (m × k) · B (k × n).
+#[derive(Clone, Copy)]
+struct Dims {
     m: usize,
     n: usize,
     k: usize,
-    dst: &mut [f32],
-    a: &[f32],
-    a_rs: usize,
-    a_cs: usize,
-    b: &[f32],
-    b_rs: usize,
-    b_cs: usize,
-    accumulate: bool,
-) -> candle_core::Result<()> {
-    if dst.len() < m * n {
+}
+
+/// `dst` (m × n, row-major, contiguous) = A·B, or dst + A·B when `accumulate`.
+fn gemm_f32(d: Dims, dst: &mut [f32], a: Mat, b: Mat, accumulate: bool) -> candle_core::Result<()> {
+    if dst.len() < d.m * d.n {
         candle_core::bail!("conv2d: GEMM output shorter than its shape (internal error)");
     }
-    if k == 0 && !accumulate {
-        dst[..m * n].fill(0.0);
+    if d.k == 0 && !accumulate {
+        dst[..d.m * d.n].fill(0.0);
         return Ok(());
     }
     // SAFETY: dst holds m·n initialised values (checked above).
-    unsafe {
-        gemm_raw(
-            m,
-            n,
-            k,
-            dst.as_mut_ptr(),
-            a,
-            a_rs,
-            a_cs,
-            b,
-            b_rs,
-            b_cs,
-            accumulate,
-            all_threads(),
-        )
-    }
+    unsafe { gemm_raw(d, dst.as_mut_ptr(), a, b, accumulate, all_threads()) }
 }
 
 fn all_threads() -> gemm::Parallelism {
@@ -170,29 +183,13 @@ fn all_threads() -> gemm::Parallelism {
 
 /// `dst` (m × n, row-major, uninitialised) = A·B. Every element is written, with zeros
 /// when k = 0 or on an error (which is returned).
-#[allow(clippy::too_many_arguments)]
-fn gemm_write(
-    m: usize,
-    n: usize,
-    k: usize,
-    dst: &mut [MaybeUninit<f32>],
-    a: &[f32],
-    a_rs: usize,
-    a_cs: usize,
-    b: &[f32],
-    b_rs: usize,
-    b_cs: usize,
-) -> candle_core::Result<()> {
-    let zero = |dst: &mut [MaybeUninit<f32>]| {
-        dst.iter_mut().for_each(|d| {
-            d.write(0.0);
-        })
-    };
-    if dst.len() != m * n {
+fn gemm_write(d: Dims, dst: &mut [MaybeUninit<f32>], a: Mat, b: Mat) -> candle_core::Result<()> {
+    let zero = super::cpu::write_zeros;
+    if dst.len() != d.m * d.n {
         zero(dst);
         candle_core::bail!("conv2d: GEMM output of the wrong size (internal error)");
     }
-    if k == 0 {
+    if d.k == 0 {
         zero(dst);
         return Ok(());
     }
@@ -200,16 +197,10 @@ fn gemm_write(
     // operand; with `accumulate` off nothing is read from it.
     let result = unsafe {
         gemm_raw(
-            m,
-            n,
-            k,
+            d,
             dst.as_mut_ptr().cast::<f32>(),
             a,
-            a_rs,
-            a_cs,
             b,
-            b_rs,
-            b_cs,
             false,
             all_threads(),
         )
@@ -229,42 +220,33 @@ const SPLIT_K_MAX_M: usize = 64;
 const SPLIT_K_MIN_PART: usize = 1024;
 
 /// [`gemm_write`], split along k where that is faster (see [`SPLIT_K_MAX_M`]).
-#[allow(clippy::too_many_arguments)]
 fn gemm_write_split_k(
-    m: usize,
-    n: usize,
-    k: usize,
+    d: Dims,
     dst: &mut [MaybeUninit<f32>],
-    a: &[f32],
-    a_rs: usize,
-    a_cs: usize,
-    b: &[f32],
-    b_rs: usize,
-    b_cs: usize,
+    a: Mat,
+    b: Mat,
 ) -> candle_core::Result<()> {
-    let parts = rayon::current_num_threads().min(k / SPLIT_K_MIN_PART);
-    if m > SPLIT_K_MAX_M || parts < 2 || dst.len() != m * n {
-        return gemm_write(m, n, k, dst, a, a_rs, a_cs, b, b_rs, b_cs);
+    let parts = rayon::current_num_threads().min(d.k / SPLIT_K_MIN_PART);
+    if d.m > SPLIT_K_MAX_M || parts < 2 || dst.len() != d.m * d.n {
+        return gemm_write(d, dst, a, b);
     }
-    let chunk = k.div_ceil(parts);
+    let chunk = d.k.div_ceil(parts);
     let partials = (0..parts)
         .into_par_iter()
         .map(|i| {
-            let (k0, kk) = (i * chunk, chunk.min(k - i * chunk));
-            let mut part = vec![0f32; m * n];
+            let k0 = i * chunk;
+            let part_dims = Dims {
+                k: chunk.min(d.k - k0),
+                ..d
+            };
+            let mut part = vec![0f32; d.m * d.n];
             // SAFETY: `part` holds m·n values and is not shared.
             unsafe {
                 gemm_raw(
-                    m,
-                    n,
-                    kk,
+                    part_dims,
                     part.as_mut_ptr(),
-                    a.get(k0 * a_cs..).unwrap_or_default(),
-                    a_rs,
-                    a_cs,
-                    b.get(k0 * b_rs..).unwrap_or_default(),
-                    b_rs,
-                    b_cs,
+                    a.skip_cols(k0),
+                    b.skip_rows(k0),
                     false,
                     gemm::Parallelism::None,
                 )
@@ -275,69 +257,50 @@ fn gemm_write_split_k(
     let partials = match partials {
         Ok(p) => p,
         Err(e) => {
-            dst.iter_mut().for_each(|d| {
-                d.write(0.0);
-            });
+            super::cpu::write_zeros(dst);
             return Err(e);
         }
     };
     dst.par_chunks_mut(4096).enumerate().for_each(|(ci, out)| {
-        for (j, d) in out.iter_mut().enumerate() {
+        for (j, o) in out.iter_mut().enumerate() {
             let i = ci * 4096 + j;
-            d.write(partials.iter().map(|p| p[i]).sum());
+            o.write(partials.iter().map(|p| p[i]).sum());
         }
     });
     Ok(())
 }
 
 /// A new m × n row-major matrix A·B, written by the GEMM without zero-filling it first.
-#[allow(clippy::too_many_arguments)]
-fn gemm_new(
-    m: usize,
-    n: usize,
-    k: usize,
-    a: &[f32],
-    a_rs: usize,
-    a_cs: usize,
-    b: &[f32],
-    b_rs: usize,
-    b_cs: usize,
-) -> candle_core::Result<Vec<f32>> {
+fn gemm_new(d: Dims, a: Mat, b: Mat) -> candle_core::Result<Vec<f32>> {
     let mut result = Ok(());
     // SAFETY: gemm_write writes every element, on success and on error.
     let v = unsafe {
-        super::cpu::vec_written_by(m * n, |dst| {
-            result = gemm_write(m, n, k, dst, a, a_rs, a_cs, b, b_rs, b_cs);
+        super::cpu::vec_written_by(d.m * d.n, |dst| {
+            result = gemm_write(d, dst, a, b);
         })
     };
     result.map(|()| v)
 }
 
-/// The GEMM call behind [`gemm_f32`] and [`gemm_new`].
+/// The GEMM call behind the functions above. The operands' extents are checked here, so
+/// the call cannot read outside their slices.
 ///
 /// # Safety
 /// `dst` must be valid for m·n writes (and reads when `accumulate`), contiguous row-major,
 /// and must not overlap `a` or `b`.
-#[allow(clippy::too_many_arguments)]
 unsafe fn gemm_raw(
-    m: usize,
-    n: usize,
-    k: usize,
+    d: Dims,
     dst: *mut f32,
-    a: &[f32],
-    a_rs: usize,
-    a_cs: usize,
-    b: &[f32],
-    b_rs: usize,
-    b_cs: usize,
+    a: Mat,
+    b: Mat,
     accumulate: bool,
     parallelism: gemm::Parallelism,
 ) -> candle_core::Result<()> {
+    let Dims { m, n, k } = d;
     if m == 0 || n == 0 || k == 0 {
         return Ok(());
     }
-    let last = |rows: usize, cols: usize, rs: usize, cs: usize| (rows - 1) * rs + (cols - 1) * cs;
-    if a.len() <= last(m, k, a_rs, a_cs) || b.len() <= last(k, n, b_rs, b_cs) {
+    if !a.fits(m, k) || !b.fits(k, n) {
         candle_core::bail!("conv2d: GEMM operand shorter than its shape (internal error)");
     }
     // SAFETY: the extents of a and b were checked against their slices above, dst is valid
@@ -352,12 +315,12 @@ unsafe fn gemm_raw(
             1,
             n as isize,
             accumulate,
-            a.as_ptr(),
-            a_cs as isize,
-            a_rs as isize,
-            b.as_ptr(),
-            b_cs as isize,
-            b_rs as isize,
+            a.data.as_ptr(),
+            a.cs as isize,
+            a.rs as isize,
+            b.data.as_ptr(),
+            b.cs as isize,
+            b.rs as isize,
             1.0,
             1.0,
             false,
@@ -402,63 +365,72 @@ fn is_same_shift(g: &Geom) -> bool {
     g.stride == 1 && (g.ho, g.wo) == (g.h, g.w) && g.padding < g.h && g.padding < g.w
 }
 
+/// A column matrix for `g` whose row r's first `cols` values `fill(r, row)` writes, rows
+/// [`Geom::col_stride`] apart with the padding zeroed, without zero-filling it first.
+///
+/// # Safety
+/// `fill` must write every element of the row it is given.
+unsafe fn column_matrix(
+    g: &Geom,
+    fill: impl Fn(usize, &mut [MaybeUninit<f32>]) + Sync,
+) -> Vec<f32> {
+    let (cols, ld) = (g.cols(), g.col_stride());
+    // SAFETY: each row's first `cols` values are written by `fill` (the caller's contract),
+    // the rest is zeroed.
+    unsafe {
+        super::cpu::vec_written_by(g.ckk() * ld, |col| {
+            col.par_chunks_mut(ld).enumerate().for_each(|(r, row)| {
+                let (row, pad) = row.split_at_mut(cols);
+                super::cpu::write_zeros(pad);
+                fill(r, row);
+            })
+        })
+    }
+}
+
 /// Column matrix of `x` (N, C, H, W): row (c, ky, kx), column (n, oy, ox), zero padding.
 fn im2col(g: &Geom, x: &[f32]) -> Vec<f32> {
-    let (hw, hwo, cols, ld) = (g.h * g.w, g.hw_out(), g.cols(), g.col_stride());
+    let (hw, hwo, ld) = (g.h * g.w, g.hw_out(), g.col_stride());
     let taps = g.kh * g.kw;
-    let len = g.ckk() * ld;
-    let zero = |s: &mut [MaybeUninit<f32>]| {
-        s.iter_mut().for_each(|d| {
-            d.write(0.0);
-        })
-    };
+    let zero = super::cpu::write_zeros;
     if is_same_shift(g) {
         let shifts = shift_taps(g);
         // SAFETY: every row is written whole: zeros outside [lo, hi), the shifted plane or
         // zero (padding) inside.
         return unsafe {
-            super::cpu::vec_written_by(len, |col| {
-                col.par_chunks_mut(ld).enumerate().for_each(|(r, row)| {
-                    let (row, pad) = row.split_at_mut(cols);
-                    zero(pad);
-                    let (c, t) = (r / taps, &shifts[r % taps]);
-                    for (b, out) in row.chunks_exact_mut(hw).enumerate() {
-                        let plane = &x[(b * g.c_in + c) * hw..(b * g.c_in + c + 1) * hw];
-                        let (lo, hi) = (t.lo, t.hi.max(t.lo));
-                        let (head, rest) = out.split_at_mut(lo);
-                        let (body, tail) = rest.split_at_mut(hi - lo);
-                        zero(head);
-                        zero(tail);
-                        let src = &plane[t.src_lo..t.src_lo + (hi - lo)];
-                        for ((d, &v), &ok) in body.iter_mut().zip(src).zip(&t.valid[lo..hi]) {
-                            d.write(if ok { v } else { 0.0 });
-                        }
+            column_matrix(g, |r, row| {
+                let (c, t) = (r / taps, &shifts[r % taps]);
+                for (b, out) in row.chunks_exact_mut(hw).enumerate() {
+                    let plane = &x[(b * g.c_in + c) * hw..(b * g.c_in + c + 1) * hw];
+                    let (lo, hi) = (t.lo, t.hi.max(t.lo));
+                    let (head, rest) = out.split_at_mut(lo);
+                    let (body, tail) = rest.split_at_mut(hi - lo);
+                    zero(head);
+                    zero(tail);
+                    let src = &plane[t.src_lo..t.src_lo + (hi - lo)];
+                    for ((d, &v), &ok) in body.iter_mut().zip(src).zip(&t.valid[lo..hi]) {
+                        d.write(if ok { v } else { 0.0 });
                     }
-                })
+                }
             })
         };
     }
     if g.wo <= GATHER_MAX_WIDTH {
         let tables = tap_tables(g);
-        // SAFETY: the gather writes every element of every row (padding reads as 0), and
-        // the stride padding is zeroed.
+        // SAFETY: the gather writes every element of every row (padding reads as 0).
         return unsafe {
-            super::cpu::vec_written_by(len, |col| {
-                col.par_chunks_mut(ld).enumerate().for_each(|(r, row)| {
-                    let (row, pad) = row.split_at_mut(cols);
-                    zero(pad);
-                    let (c, table) = (r / taps, &tables[r % taps]);
-                    for (b, out) in row.chunks_exact_mut(hwo).enumerate() {
-                        let plane = &x[(b * g.c_in + c) * hw..(b * g.c_in + c + 1) * hw];
-                        for (d, &i) in out.iter_mut().zip(table) {
-                            d.write(plane.get(i).copied().unwrap_or(0.0));
-                        }
+            column_matrix(g, |r, row| {
+                let (c, table) = (r / taps, &tables[r % taps]);
+                for (b, out) in row.chunks_exact_mut(hwo).enumerate() {
+                    let plane = &x[(b * g.c_in + c) * hw..(b * g.c_in + c + 1) * hw];
+                    for (d, &i) in out.iter_mut().zip(table) {
+                        d.write(plane.get(i).copied().unwrap_or(0.0));
                     }
-                })
+                }
             })
         };
     }
-    let mut col = vec![0f32; len];
+    let mut col = vec![0f32; g.ckk() * ld];
     col.par_chunks_mut(ld).enumerate().for_each(|(r, row)| {
         let kx = r % g.kw;
         let ky = (r / g.kw) % g.kh;
@@ -620,9 +592,7 @@ fn nc_to_cn(src: &[f32], n: usize, c: usize, p: usize, ld: usize) -> Vec<f32> {
         super::cpu::vec_written_by(c * ld, |dst| {
             dst.par_chunks_mut(ld).enumerate().for_each(|(ci, row)| {
                 let (row, pad) = row.split_at_mut(n * p);
-                pad.iter_mut().for_each(|d| {
-                    d.write(0.0);
-                });
+                super::cpu::write_zeros(pad);
                 for (b, out) in row.chunks_exact_mut(p).enumerate() {
                     let plane = &src[(b * c + ci) * p..(b * c + ci + 1) * p];
                     for (d, &v) in out.iter_mut().zip(plane) {
@@ -723,12 +693,28 @@ impl CustomOp2 for Conv2dOp {
         if let Some(t) = centre_tap(&g) {
             // Yᵀ (n × c_out) = X (n × c_in) · W_tᵀ (c_in × c_out): already NCHW with 1×1 maps.
             let (kk, ckk) = (g.kh * g.kw, g.ckk());
-            let y = gemm_new(g.n, g.c_out, g.c_in, x, g.c_in, 1, &wt[t..], kk, ckk)?;
+            let y = gemm_new(
+                Dims {
+                    m: g.n,
+                    n: g.c_out,
+                    k: g.c_in,
+                },
+                Mat::new(x, g.c_in, 1),
+                Mat::new(&wt[t..], kk, ckk),
+            )?;
             return Ok((CpuStorage::F32(y), Shape::from((g.n, g.c_out, 1, 1))));
         }
         let col = columns(&g, x);
         let (ckk, cols) = (g.ckk(), g.cols());
-        let y = gemm_new(g.c_out, cols, ckk, wt, ckk, 1, &col, g.col_stride(), 1)?;
+        let y = gemm_new(
+            Dims {
+                m: g.c_out,
+                n: cols,
+                k: ckk,
+            },
+            Mat::new(wt, ckk, 1),
+            Mat::new(&col, g.col_stride(), 1),
+        )?;
         drop(col);
         let out = cn_to_nc(&y, g.n, g.c_out, g.hw_out());
         Ok((
@@ -834,22 +820,16 @@ impl CustomOp3 for Conv2dBackward {
                     let (dw, dx) = out.split_at_mut(nw);
                     // dW (c_out × ckk) = dY (c_out × cols) · colᵀ (cols × ckk)
                     result = gemm_write_split_k(
-                        g.c_out,
-                        ckk,
-                        cols,
+                        Dims {
+                            m: g.c_out,
+                            n: ckk,
+                            k: cols,
+                        },
                         dw,
-                        &dy,
-                        cols,
-                        1,
-                        &col,
-                        1,
-                        g.col_stride(),
+                        Mat::new(&dy, cols, 1),
+                        Mat::new(&col, 1, g.col_stride()),
                     );
-                    dx.par_chunks_mut(1 << 16).for_each(|d| {
-                        d.iter_mut().for_each(|v| {
-                            v.write(0.0);
-                        })
-                    });
+                    dx.par_chunks_mut(1 << 16).for_each(super::cpu::write_zeros);
                 })
             };
             result?;
@@ -857,7 +837,15 @@ impl CustomOp3 for Conv2dBackward {
         };
         if self.input_grad {
             // dcol (ckk × cols) = Wᵀ (ckk × c_out) · dY (c_out × cols)
-            let dcol = gemm_new(ckk, cols, g.c_out, wt, 1, ckk, &dy, cols, 1)?;
+            let dcol = gemm_new(
+                Dims {
+                    m: ckk,
+                    n: cols,
+                    k: g.c_out,
+                },
+                Mat::new(wt, 1, ckk),
+                Mat::new(&dy, cols, 1),
+            )?;
             drop(dy);
             let dx = &mut out[nw..];
             if is_pointwise(&g) {
@@ -887,20 +875,26 @@ fn centre_tap_backward(
     let (dw, dx) = out.split_at_mut(g.c_out * ckk);
     if input_grad {
         gemm_f32(
-            g.n,
-            g.c_in,
-            g.c_out,
+            Dims {
+                m: g.n,
+                n: g.c_in,
+                k: g.c_out,
+            },
             dx,
-            dy,
-            g.c_out,
-            1,
-            &wt[t..],
-            ckk,
-            kk,
+            Mat::new(dy, g.c_out, 1),
+            Mat::new(&wt[t..], ckk, kk),
             false,
         )?;
     }
-    let dwt = gemm_new(g.c_out, g.c_in, g.n, dy, 1, g.c_out, x, g.c_in, 1)?;
+    let dwt = gemm_new(
+        Dims {
+            m: g.c_out,
+            n: g.c_in,
+            k: g.n,
+        },
+        Mat::new(dy, 1, g.c_out),
+        Mat::new(x, g.c_in, 1),
+    )?;
     for (row, src) in dw.chunks_exact_mut(ckk).zip(dwt.chunks_exact(g.c_in)) {
         for (ci, v) in src.iter().enumerate() {
             row[ci * kk + t] = *v;

@@ -4,6 +4,13 @@ use std::mem::MaybeUninit;
 
 use candle_core::{CpuStorage, Layout};
 
+/// Writes 0.0 into every element of `s`.
+pub(crate) fn write_zeros(s: &mut [MaybeUninit<f32>]) {
+    s.iter_mut().for_each(|d| {
+        d.write(0.0);
+    });
+}
+
 /// A vector of `len` f32 that `fill` initialises, without zero-filling it first: the
 /// kernels' column matrices, GEMM outputs and re-laid-out copies are overwritten anyway, and
 /// the memset of fresh buffers was ~6% of the ResNet-18 training step.
