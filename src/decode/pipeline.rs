@@ -160,7 +160,7 @@ impl BatchDecoder {
                         reason,
                         position: rec.position,
                         payload: Some(rec.image),
-                        format: Some(rec.format),
+                        format: Some(rec.format.into_owned()),
                     });
                     keep.push(None);
                 }

@@ -15,20 +15,23 @@
 // `SourceItem`'s Err is no larger than its Ok; boxing it would only add an allocation.
 #![allow(clippy::result_large_err)]
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::Duration;
 
-use bytes::Bytes;
-use futures::FutureExt;
+use bytes::{Bytes, BytesMut};
+use futures::{FutureExt, StreamExt};
 use rdkafka::client::ClientContext;
 use rdkafka::config::ClientConfig;
+use rdkafka::consumer::stream_consumer::StreamPartitionQueue;
 use rdkafka::consumer::{
-    BaseConsumer, CommitMode, Consumer, ConsumerContext, ConsumerGroupMetadata, StreamConsumer,
+    BaseConsumer, CommitMode, Consumer, ConsumerContext, ConsumerGroupMetadata, MessageStream,
+    StreamConsumer,
 };
+use rdkafka::error::KafkaResult;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use rdkafka::message::{Headers, Message};
+use rdkafka::message::{BorrowedMessage, Headers, Message};
 use rdkafka::statistics::Statistics;
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use rdkafka::types::RDKafkaRespErr;
@@ -265,9 +268,39 @@ struct Shared {
     skip: Mutex<HashMap<(String, i32), (i64, u64)>>,
     connected: AtomicBool,
     metrics: DataMetrics,
+    /// The consumer, for splitting partition queues in the rebalance callback (weak: the
+    /// consumer owns its context, which owns this).
+    consumer: OnceLock<Weak<Consumer_>>,
+    /// Partitions whose queue was split off (a queue is split once and read for the source's
+    /// life: it stays empty while the partition is not assigned).
+    split: Mutex<HashSet<(String, i32)>>,
+    /// Split queues, to the source task, which starts a reader for each.
+    split_tx: mpsc::UnboundedSender<PartitionQueue>,
 }
 
 impl Shared {
+    /// Gives each partition of `tpl` not seen before its own queue, before it is assigned, so
+    /// that none of its messages reach the main queue (where they could interleave with the
+    /// partition queue's and break per-partition order).
+    fn split_partition_queues(&self, tpl: &TopicPartitionList) {
+        let Some(consumer) = self.consumer.get().and_then(|w| w.upgrade()) else {
+            return;
+        };
+        let mut split = self.split.lock().unwrap_or_else(|p| p.into_inner());
+        for el in tpl.elements() {
+            let key = (el.topic().to_string(), el.partition());
+            if split.contains(&key) {
+                continue;
+            }
+            // None (a topic name with a NUL byte): its messages stay on the main queue.
+            if let Some(q) = consumer.split_partition_queue(el.topic(), el.partition()) {
+                if self.split_tx.send(q).is_ok() {
+                    split.insert(key);
+                }
+            }
+        }
+    }
+
     fn set_connected(&self, v: bool) {
         let was = self.connected.swap(v, Ordering::Relaxed);
         if was != v {
@@ -365,6 +398,7 @@ impl ConsumerContext for Ctx {
                     }
                 }
                 tracing::info!(partitions = ?assigned, "kafka source: partitions assigned (offset from the checkpoint, else committed)");
+                self.shared.split_partition_queues(tpl);
                 if let Err(e) = consumer.assign(tpl) {
                     tracing::error!("kafka source: assign failed: {e}");
                 }
@@ -525,12 +559,16 @@ impl KafkaSource {
                 marks.insert((topic.clone(), *p), *m);
             }
         }
+        let (split_tx, split_rx) = mpsc::unbounded_channel();
         let shared = Arc::new(Shared {
             format: cfg.message_format,
             resume: Mutex::new(marks),
             skip: Mutex::new(HashMap::new()),
             connected: AtomicBool::new(false),
             metrics: self.metrics.clone(),
+            consumer: OnceLock::new(),
+            split: Mutex::new(HashSet::new()),
+            split_tx,
         });
         let mut cc = client_config(
             &cfg.brokers,
@@ -565,6 +603,7 @@ impl KafkaSource {
                 message: format!("cannot subscribe to {topics:?}: {e}"),
             })?;
         let consumer = Arc::new(consumer);
+        let _ = shared.consumer.set(Arc::downgrade(&consumer));
         let handle = KafkaHandle {
             consumer: consumer.clone(),
             shared: shared.clone(),
@@ -572,7 +611,7 @@ impl KafkaSource {
         let (tx, rx) = mpsc::channel(cfg.channel_capacity);
         let metrics = self.metrics;
         tokio::spawn(async move {
-            consume(consumer, cfg, shared, metrics, tx, cancel).await;
+            consume(consumer, cfg, shared, split_rx, metrics, tx, cancel).await;
         });
         Ok((rx, handle))
     }
@@ -582,33 +621,109 @@ impl KafkaSource {
 /// channel reservation and one wake-up of the decode stage per burst instead of per message.
 const BURST: usize = 256;
 
+/// The source task: serves the consumer's main queue (group events, statistics, errors, and
+/// the messages of any partition whose queue could not be split off) and starts one reader
+/// task per assigned partition queue, so that polling librdkafka (the largest cost per message)
+/// runs on every core instead of one.
 async fn consume(
     consumer: Arc<Consumer_>,
     cfg: KafkaSourceConfig,
     shared: Arc<Shared>,
+    mut split: mpsc::UnboundedReceiver<PartitionQueue>,
     metrics: DataMetrics,
     tx: mpsc::Sender<SourceItem>,
     cancel: CancellationToken,
 ) {
-    let base = Duration::from_millis(cfg.retry_backoff_ms.max(1));
-    let mut backoff = base;
-    let burst = BURST.min(cfg.channel_capacity.max(1));
-    let mut items: Vec<SourceItem> = Vec::with_capacity(burst);
+    let cfg = Arc::new(cfg);
+    let mut main = Reader::new(cfg.clone(), shared.clone(), metrics.clone(), tx.clone());
+    // One stream for the task's life: `recv()` registers and unregisters a waker slot (two
+    // mutex round trips) for every message.
+    let mut stream = consumer.stream();
     loop {
-        let msg = tokio::select! {
+        tokio::select! {
             _ = cancel.cancelled() => return,
-            m = consumer.recv() => m,
-        };
+            Some(queue) = split.recv() => {
+                let mut reader = Reader::new(cfg.clone(), shared.clone(), metrics.clone(), tx.clone());
+                let cancel = cancel.clone();
+                tokio::spawn(async move {
+                    let mut stream = queue.stream();
+                    loop {
+                        let msg = tokio::select! {
+                            _ = cancel.cancelled() => return,
+                            m = stream.next() => m,
+                        };
+                        let Some(msg) = msg else { return };
+                        if !reader.burst(msg, &mut stream, &cancel).await {
+                            return;
+                        }
+                    }
+                });
+            }
+            m = stream.next() => {
+                let Some(msg) = m else { return };
+                if !main.burst(msg, &mut stream, &cancel).await {
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// A partition's own queue (messages of that partition only), split off at assignment.
+type PartitionQueue = StreamPartitionQueue<Ctx>;
+
+/// One reading loop's state between bursts (the main queue's, or one partition queue's).
+struct Reader {
+    cfg: Arc<KafkaSourceConfig>,
+    shared: Arc<Shared>,
+    metrics: DataMetrics,
+    tx: mpsc::Sender<SourceItem>,
+    items: Vec<SourceItem>,
+    copy: MessageCopier,
+    base: Duration,
+    backoff: Duration,
+    burst: usize,
+}
+
+impl Reader {
+    fn new(
+        cfg: Arc<KafkaSourceConfig>,
+        shared: Arc<Shared>,
+        metrics: DataMetrics,
+        tx: mpsc::Sender<SourceItem>,
+    ) -> Self {
+        let base = Duration::from_millis(cfg.retry_backoff_ms.max(1));
+        let burst = BURST.min(cfg.channel_capacity.max(1));
+        Reader {
+            cfg,
+            shared,
+            metrics,
+            tx,
+            items: Vec::with_capacity(burst),
+            copy: MessageCopier::default(),
+            base,
+            backoff: base,
+            burst,
+        }
+    }
+
+    /// Handles `first` and whatever `stream` already holds after it (up to a burst), and hands
+    /// the items downstream in order. False when the source must stop (downstream gone, or
+    /// cancelled during an error back-off).
+    async fn burst<'a>(
+        &mut self,
+        first: KafkaResult<BorrowedMessage<'a>>,
+        stream: &mut MessageStream<'a, Ctx>,
+        cancel: &CancellationToken,
+    ) -> bool {
         let mut shard = None;
-        let mut next = Some(msg);
-        // The awaited message, then whatever is already queued (no waiting), up to a burst.
+        let mut next = Some(first);
         while let Some(msg) = next.take() {
             match msg {
                 Ok(m) => {
-                    backoff = base;
-                    shared.set_connected(true);
-                    match message_items(&m, &cfg, &shared) {
-                        Parsed::Ready(item) => items.push(item),
+                    self.backoff = self.base;
+                    match message_items(&m, &self.cfg, &self.shared, &mut self.copy) {
+                        Parsed::Ready(item) => self.items.push(item),
                         Parsed::Shard(s) => {
                             shard = Some(s);
                             break;
@@ -617,29 +732,35 @@ async fn consume(
                 }
                 Err(e) => {
                     // librdkafka reconnects by itself; wait so a persistent error does not spin.
-                    metrics.retries.inc();
-                    tracing::warn!("kafka source: {e}; retrying in {} ms", backoff.as_millis());
+                    self.metrics.retries.inc();
+                    tracing::warn!(
+                        "kafka source: {e}; retrying in {} ms",
+                        self.backoff.as_millis()
+                    );
                     if matches!(
                         e.rdkafka_error_code(),
                         Some(RDKafkaErrorCode::AllBrokersDown)
                             | Some(RDKafkaErrorCode::BrokerTransportFailure)
                     ) {
-                        shared.set_connected(false);
+                        self.shared.set_connected(false);
                     }
-                    if !send_all(&tx, &metrics, &mut items).await {
-                        return;
+                    if !send_all(&self.tx, &self.metrics, &mut self.items).await {
+                        return false;
                     }
                     tokio::select! {
-                        _ = cancel.cancelled() => return,
-                        _ = tokio::time::sleep(backoff) => {}
+                        _ = cancel.cancelled() => return false,
+                        _ = tokio::time::sleep(self.backoff) => {}
                     }
-                    backoff = (backoff * 2).min(Duration::from_secs(30));
-                    break;
+                    self.backoff = (self.backoff * 2).min(Duration::from_secs(30));
+                    return true;
                 }
             }
-            if items.len() < burst {
-                next = consumer.recv().now_or_never();
+            if self.items.len() < self.burst {
+                next = stream.next().now_or_never().flatten();
             }
+        }
+        if !self.items.is_empty() || shard.is_some() {
+            self.shared.set_connected(true);
         }
         if let Some(ShardMessage {
             payload,
@@ -650,11 +771,11 @@ async fn consume(
         }) = shard
         {
             // Items of earlier messages go first: positions stay in order.
-            if !send_all(&tx, &metrics, &mut items).await {
-                return;
+            if !send_all(&self.tx, &self.metrics, &mut self.items).await {
+                return false;
             }
             let opts = ReadOptions {
-                max_member_bytes: cfg.max_message_bytes,
+                max_member_bytes: self.cfg.max_message_bytes,
             };
             // Tar parsing is CPU work: off the async workers.
             let res = tokio::task::spawn_blocking(move || {
@@ -662,13 +783,11 @@ async fn consume(
             })
             .await;
             match res {
-                Ok(v) => items.extend(v),
+                Ok(v) => self.items.extend(v),
                 Err(e) => tracing::error!("kafka source: shard reader failed: {e}"),
             }
         }
-        if !send_all(&tx, &metrics, &mut items).await {
-            return;
-        }
+        send_all(&self.tx, &self.metrics, &mut self.items).await
     }
 }
 
@@ -705,18 +824,59 @@ enum Parsed {
 
 struct ShardMessage {
     payload: Bytes,
-    topic: String,
+    topic: Arc<str>,
     partition: i32,
     offset: i64,
     skip: u64,
 }
 
+/// Copies message payloads out of librdkafka's buffers: small payloads go back to back into
+/// one shared 64 KiB block (one allocation per block instead of one per record; a block is
+/// freed when its last record is dropped), and the topic name is shared by every record of
+/// the topic.
+#[derive(Default)]
+struct MessageCopier {
+    block: BytesMut,
+    topic: Option<Arc<str>>,
+}
+
+impl MessageCopier {
+    const BLOCK: usize = 64 * 1024;
+
+    fn payload(&mut self, p: &[u8]) -> Bytes {
+        if p.len() > Self::BLOCK / 8 {
+            return Bytes::copy_from_slice(p);
+        }
+        if self.block.capacity() - self.block.len() < p.len() {
+            self.block = BytesMut::with_capacity(Self::BLOCK);
+        }
+        self.block.extend_from_slice(p);
+        self.block.split().freeze()
+    }
+
+    fn topic(&mut self, name: &str) -> Arc<str> {
+        match &self.topic {
+            Some(t) if &**t == name => t.clone(),
+            _ => {
+                let t: Arc<str> = Arc::from(name);
+                self.topic = Some(t.clone());
+                t
+            }
+        }
+    }
+}
+
 /// Turn one message into items (or a shard to parse off the runtime).
-fn message_items<M: Message>(m: &M, cfg: &KafkaSourceConfig, shared: &Shared) -> Parsed {
+fn message_items<M: Message>(
+    m: &M,
+    cfg: &KafkaSourceConfig,
+    shared: &Shared,
+    copy: &mut MessageCopier,
+) -> Parsed {
     let topic = m.topic();
     let (partition, offset) = (m.partition(), m.offset());
     let position = Position::Kafka {
-        topic: topic.to_string(),
+        topic: copy.topic(topic),
         partition,
         offset,
     };
@@ -724,7 +884,28 @@ fn message_items<M: Message>(m: &M, cfg: &KafkaSourceConfig, shared: &Shared) ->
         Some(k) if !k.is_empty() => String::from_utf8_lossy(k).into_owned(),
         _ => format!("{topic}/{partition}/{offset}"),
     };
-    let payload = Bytes::copy_from_slice(m.payload().unwrap_or_default());
+    let raw = m.payload().unwrap_or_default();
+    if raw.len() as u64 > cfg.max_message_bytes {
+        let message = format!(
+            "message {topic}/{partition}@{offset} has {} bytes, more than source.max_message_bytes = {}",
+            raw.len(),
+            cfg.max_message_bytes
+        );
+        return Parsed::Ready(Err(RejectedRecord {
+            key,
+            reason: RejectReason::TooLarge,
+            message,
+            position,
+            payload: None,
+            format: None,
+        }));
+    }
+    let payload = if cfg.message_format == MessageFormat::Shard {
+        // A whole shard: its own buffer (its records are parsed out of it).
+        Bytes::copy_from_slice(raw)
+    } else {
+        copy.payload(raw)
+    };
     let reject = |reason, message: String, payload: Option<Bytes>, format: Option<String>| {
         Parsed::Ready(Err(RejectedRecord {
             key: key.clone(),
@@ -735,18 +916,6 @@ fn message_items<M: Message>(m: &M, cfg: &KafkaSourceConfig, shared: &Shared) ->
             format,
         }))
     };
-    if payload.len() as u64 > cfg.max_message_bytes {
-        return reject(
-            RejectReason::TooLarge,
-            format!(
-                "message {topic}/{partition}@{offset} has {} bytes, more than source.max_message_bytes = {}",
-                payload.len(),
-                cfg.max_message_bytes
-            ),
-            None,
-            None,
-        );
-    }
     if cfg.message_format == MessageFormat::Shard {
         let skip = {
             let mut s = shared.skip.lock().unwrap_or_else(|p| p.into_inner());
@@ -761,7 +930,7 @@ fn message_items<M: Message>(m: &M, cfg: &KafkaSourceConfig, shared: &Shared) ->
         };
         return Parsed::Shard(ShardMessage {
             payload,
-            topic: topic.to_string(),
+            topic: copy.topic(topic),
             partition,
             offset,
             skip,
@@ -784,12 +953,11 @@ fn message_items<M: Message>(m: &M, cfg: &KafkaSourceConfig, shared: &Shared) ->
             }
         }
     }
-    let format = content_type
+    let format: &'static str = content_type
         .as_deref()
         .and_then(format_from_content_type)
         .or_else(|| sniff_format(&payload))
-        .unwrap_or("bin")
-        .to_string();
+        .unwrap_or("bin");
     if payload.is_empty() {
         return reject(
             RejectReason::MissingImage,
@@ -810,7 +978,7 @@ fn message_items<M: Message>(m: &M, cfg: &KafkaSourceConfig, shared: &Shared) ->
                     cfg.label_header
                 ),
                     Some(payload),
-                    Some(format),
+                    Some(format.to_string()),
                 )
             }
         },
@@ -818,7 +986,7 @@ fn message_items<M: Message>(m: &M, cfg: &KafkaSourceConfig, shared: &Shared) ->
     Parsed::Ready(Ok(Record {
         key,
         image: payload,
-        format,
+        format: std::borrow::Cow::Borrowed(format),
         class_label,
         position,
     }))
@@ -828,7 +996,7 @@ fn message_items<M: Message>(m: &M, cfg: &KafkaSourceConfig, shared: &Shared) ->
 /// the first `skip` items (consumed before a restart) are dropped.
 fn shard_items(
     payload: &[u8],
-    topic: &str,
+    topic: &Arc<str>,
     partition: i32,
     offset: i64,
     skip: u64,
@@ -842,7 +1010,7 @@ fn shard_items(
         n += 1;
         if n > skip {
             let pos = Position::Kafka {
-                topic: topic.to_string(),
+                topic: topic.clone(),
                 partition,
                 offset,
             };
@@ -903,6 +1071,9 @@ mod tests {
             skip: Mutex::new(HashMap::new()),
             connected: AtomicBool::new(false),
             metrics: DataMetrics::register(&prometheus::Registry::new()).expect("metrics"),
+            consumer: OnceLock::new(),
+            split: Mutex::new(HashSet::new()),
+            split_tx: mpsc::unbounded_channel().0,
         }
     }
 
@@ -937,7 +1108,13 @@ mod tests {
         let cfg = KafkaSourceConfig::new("x:1", &["images"], "g");
         let png = b"\x89PNG\r\n\x1a\nrest";
         let m = msg(Some(b"sample-1"), png, &[("class_label", "7")]);
-        let r = one(message_items(&m, &cfg, &shared(MessageFormat::Image))).expect("record");
+        let r = one(message_items(
+            &m,
+            &cfg,
+            &shared(MessageFormat::Image),
+            &mut MessageCopier::default(),
+        ))
+        .expect("record");
         assert_eq!(r.key, "sample-1");
         assert_eq!(r.class_label, Some(7));
         assert_eq!(r.format, "png");
@@ -951,22 +1128,72 @@ mod tests {
         );
         // No key: topic/partition/offset; content type header names the format.
         let m = msg(None, b"abc", &[("content_type", "image/jpeg")]);
-        let r = one(message_items(&m, &cfg, &shared(MessageFormat::Image))).expect("record");
-        assert_eq!((r.key.as_str(), r.format.as_str()), ("images/2/41", "jpg"));
+        let r = one(message_items(
+            &m,
+            &cfg,
+            &shared(MessageFormat::Image),
+            &mut MessageCopier::default(),
+        ))
+        .expect("record");
+        assert_eq!((r.key.as_str(), &*r.format), ("images/2/41", "jpg"));
+    }
+
+    #[test]
+    fn copied_payloads_keep_their_bytes_across_blocks_and_share_the_topic() {
+        let mut c = MessageCopier::default();
+        // 300-byte payloads: ~218 per 64 KiB block, so 1,000 of them span several blocks.
+        let originals: Vec<Vec<u8>> = (0..1000u32)
+            .map(|i| (0..300u32).map(|j| (i * 7 + j) as u8).collect())
+            .collect();
+        let copies: Vec<Bytes> = originals.iter().map(|o| c.payload(o)).collect();
+        for (o, b) in originals.iter().zip(&copies) {
+            assert_eq!(&b[..], &o[..]);
+        }
+        // Dropping the early copies frees nothing the later ones still read.
+        let mut copies = copies;
+        let later = copies.split_off(500);
+        drop(copies);
+        for (o, b) in originals[500..].iter().zip(&later) {
+            assert_eq!(&b[..], &o[..]);
+        }
+        let big = vec![9u8; MessageCopier::BLOCK];
+        assert_eq!(&c.payload(&big)[..], &big[..]);
+        assert_eq!(&c.payload(b"")[..], b"");
+        let (a, b) = (c.topic("images"), c.topic("images"));
+        assert!(Arc::ptr_eq(&a, &b));
+        assert_eq!(&*c.topic("other"), "other");
     }
 
     #[test]
     fn bad_label_empty_and_oversized_messages_are_rejected_with_a_reason() {
         let mut cfg = KafkaSourceConfig::new("x:1", &["images"], "g");
         let m = msg(Some(b"k"), b"img", &[("class_label", "seven")]);
-        let e = one(message_items(&m, &cfg, &shared(MessageFormat::Image))).err();
+        let e = one(message_items(
+            &m,
+            &cfg,
+            &shared(MessageFormat::Image),
+            &mut MessageCopier::default(),
+        ))
+        .err();
         assert_eq!(e.map(|e| e.reason), Some(RejectReason::BadLabel));
         let m = msg(Some(b"k"), b"", &[]);
-        let e = one(message_items(&m, &cfg, &shared(MessageFormat::Image))).err();
+        let e = one(message_items(
+            &m,
+            &cfg,
+            &shared(MessageFormat::Image),
+            &mut MessageCopier::default(),
+        ))
+        .err();
         assert_eq!(e.map(|e| e.reason), Some(RejectReason::MissingImage));
         cfg.max_message_bytes = 2;
         let m = msg(Some(b"k"), b"img", &[]);
-        let e = one(message_items(&m, &cfg, &shared(MessageFormat::Image))).err();
+        let e = one(message_items(
+            &m,
+            &cfg,
+            &shared(MessageFormat::Image),
+            &mut MessageCopier::default(),
+        ))
+        .err();
         assert_eq!(e.map(|e| e.reason), Some(RejectReason::TooLarge));
     }
 
@@ -982,7 +1209,7 @@ mod tests {
         }
         let bytes = tar.into_inner().expect("tar");
         let opts = ReadOptions::default();
-        let all = shard_items(&bytes, "t", 0, 5, 0, &opts);
+        let all = shard_items(&bytes, &Arc::from("t"), 0, 5, 0, &opts);
         let keys: Vec<String> = all
             .iter()
             .filter_map(|i| i.as_ref().ok().map(|r| r.key.clone()))
@@ -992,7 +1219,7 @@ mod tests {
             i.as_ref().map(|r| &r.position),
             Ok(Position::Kafka { offset: 5, .. })
         )));
-        let rest = shard_items(&bytes, "t", 0, 5, 1, &opts);
+        let rest = shard_items(&bytes, &Arc::from("t"), 0, 5, 1, &opts);
         assert_eq!(rest.len(), 1);
         assert_eq!(rest[0].as_ref().map(|r| r.key.as_str()).ok(), Some("b"));
     }

@@ -44,7 +44,13 @@ impl SourceState {
                 partition,
                 offset,
             } => {
-                let parts = self.kafka.entry(topic.clone()).or_default();
+                // Looked up by &str: no allocation per record once the topic is known.
+                if !self.kafka.contains_key(&**topic) {
+                    self.kafka.insert(topic.to_string(), BTreeMap::new());
+                }
+                let Some(parts) = self.kafka.get_mut(&**topic) else {
+                    return;
+                };
                 match parts.get_mut(partition) {
                     Some(m) if m.offset == *offset => m.records += 1,
                     _ => {

@@ -8,8 +8,9 @@
 #![allow(clippy::result_large_err)]
 
 use super::{RejectReason, RejectedRecord, SourceItem};
-use crate::record::{Position, Record};
+use crate::record::{format_name, Position, Record};
 use bytes::Bytes;
+use std::borrow::Cow;
 use std::cell::Cell;
 use std::io::{self, Read};
 use std::ops::ControlFlow;
@@ -102,7 +103,7 @@ impl<R: Read> Read for BudgetReader<R> {
 #[derive(Default)]
 struct Group {
     key: String,
-    image: Option<(Bytes, String)>,
+    image: Option<(Bytes, Cow<'static, str>)>,
     label: Option<Vec<u8>>,
     problem: Option<(RejectReason, String)>,
 }
@@ -256,7 +257,7 @@ pub fn read_shard<R: Read>(
         if ext == "cls" {
             g.label = Some(buf);
         } else {
-            g.image = Some((Bytes::from(buf), ext));
+            g.image = Some((Bytes::from(buf), format_name(&ext)));
         }
     }
     if let Some(err) = fault.get() {
@@ -302,18 +303,15 @@ fn finish(
 }
 
 fn build_record(g: Group, shard: &str, position: Position) -> SourceItem {
-    let (payload, format) = match &g.image {
-        Some((b, f)) => (Some(b.clone()), Some(f.clone())),
-        None => (None, None),
-    };
+    // Only a rejected record copies the key, position and format name.
     let fail = |reason, message| {
         Err(RejectedRecord {
             key: g.key.clone(),
             reason,
             message,
             position: position.clone(),
-            payload: payload.clone(),
-            format: format.clone(),
+            payload: g.image.as_ref().map(|(b, _)| b.clone()),
+            format: g.image.as_ref().map(|(_, f)| f.to_string()),
         })
     };
     if let Some((reason, message)) = g.problem.clone() {
@@ -450,7 +448,7 @@ mod tests {
         assert_eq!(end, ShardEnd::Done { items: 4 });
         let a = items[0].as_ref().expect("a is good");
         assert_eq!(
-            (a.key.as_str(), a.format.as_str(), a.class_label),
+            (a.key.as_str(), &*a.format, a.class_label),
             ("a", "png", Some(3))
         );
         assert_eq!(&a.image[..], b"A");
