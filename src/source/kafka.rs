@@ -1096,6 +1096,12 @@ mod tests {
         )
     }
 
+    /// An image-format message as the source parses it.
+    fn parse(m: &OwnedMessage, cfg: &KafkaSourceConfig) -> Parsed {
+        let shared = shared(MessageFormat::Image);
+        message_items(m, cfg, &shared, &mut MessageCopier::default())
+    }
+
     fn one(p: Parsed) -> SourceItem {
         match p {
             Parsed::Ready(item) => item,
@@ -1108,13 +1114,7 @@ mod tests {
         let cfg = KafkaSourceConfig::new("x:1", &["images"], "g");
         let png = b"\x89PNG\r\n\x1a\nrest";
         let m = msg(Some(b"sample-1"), png, &[("class_label", "7")]);
-        let r = one(message_items(
-            &m,
-            &cfg,
-            &shared(MessageFormat::Image),
-            &mut MessageCopier::default(),
-        ))
-        .expect("record");
+        let r = one(parse(&m, &cfg)).expect("record");
         assert_eq!(r.key, "sample-1");
         assert_eq!(r.class_label, Some(7));
         assert_eq!(r.format, "png");
@@ -1128,13 +1128,7 @@ mod tests {
         );
         // No key: topic/partition/offset; content type header names the format.
         let m = msg(None, b"abc", &[("content_type", "image/jpeg")]);
-        let r = one(message_items(
-            &m,
-            &cfg,
-            &shared(MessageFormat::Image),
-            &mut MessageCopier::default(),
-        ))
-        .expect("record");
+        let r = one(parse(&m, &cfg)).expect("record");
         assert_eq!((r.key.as_str(), &*r.format), ("images/2/41", "jpg"));
     }
 
@@ -1168,32 +1162,14 @@ mod tests {
     fn bad_label_empty_and_oversized_messages_are_rejected_with_a_reason() {
         let mut cfg = KafkaSourceConfig::new("x:1", &["images"], "g");
         let m = msg(Some(b"k"), b"img", &[("class_label", "seven")]);
-        let e = one(message_items(
-            &m,
-            &cfg,
-            &shared(MessageFormat::Image),
-            &mut MessageCopier::default(),
-        ))
-        .err();
+        let e = one(parse(&m, &cfg)).err();
         assert_eq!(e.map(|e| e.reason), Some(RejectReason::BadLabel));
         let m = msg(Some(b"k"), b"", &[]);
-        let e = one(message_items(
-            &m,
-            &cfg,
-            &shared(MessageFormat::Image),
-            &mut MessageCopier::default(),
-        ))
-        .err();
+        let e = one(parse(&m, &cfg)).err();
         assert_eq!(e.map(|e| e.reason), Some(RejectReason::MissingImage));
         cfg.max_message_bytes = 2;
         let m = msg(Some(b"k"), b"img", &[]);
-        let e = one(message_items(
-            &m,
-            &cfg,
-            &shared(MessageFormat::Image),
-            &mut MessageCopier::default(),
-        ))
-        .err();
+        let e = one(parse(&m, &cfg)).err();
         assert_eq!(e.map(|e| e.reason), Some(RejectReason::TooLarge));
     }
 
