@@ -8,6 +8,10 @@
 //! loses nor skips records. On (re)assignment a partition resumes from the position in the
 //! checkpoint, else from the committed offset, else from `start`.
 //!
+//! Each partition's messages are read from its own librdkafka queue by its own task (split off
+//! when the partition is first assigned), so polling, the largest cost per message, runs on
+//! every core; records of one partition stay in offset order.
+//!
 //! Broker outages are librdkafka's to ride out (it reconnects with backoff); the source reports
 //! the connection state ([`KafkaHandle::connected`], shown by `/readyz`) and never ends on an
 //! error. Consumer lag per partition is exported as `odcd_source_lag_records{topic,partition}`.
