@@ -888,28 +888,6 @@ fn message_items<M: Message>(
         Some(k) if !k.is_empty() => String::from_utf8_lossy(k).into_owned(),
         _ => format!("{topic}/{partition}/{offset}"),
     };
-    let raw = m.payload().unwrap_or_default();
-    if raw.len() as u64 > cfg.max_message_bytes {
-        let message = format!(
-            "message {topic}/{partition}@{offset} has {} bytes, more than source.max_message_bytes = {}",
-            raw.len(),
-            cfg.max_message_bytes
-        );
-        return Parsed::Ready(Err(RejectedRecord {
-            key,
-            reason: RejectReason::TooLarge,
-            message,
-            position,
-            payload: None,
-            format: None,
-        }));
-    }
-    let payload = if cfg.message_format == MessageFormat::Shard {
-        // A whole shard: its own buffer (its records are parsed out of it).
-        Bytes::copy_from_slice(raw)
-    } else {
-        copy.payload(raw)
-    };
     let reject = |reason, message: String, payload: Option<Bytes>, format: Option<String>| {
         Parsed::Ready(Err(RejectedRecord {
             key: key.clone(),
@@ -919,6 +897,26 @@ fn message_items<M: Message>(
             payload,
             format,
         }))
+    };
+    let raw = m.payload().unwrap_or_default();
+    // Checked before copying: an oversized message is never copied.
+    if raw.len() as u64 > cfg.max_message_bytes {
+        return reject(
+            RejectReason::TooLarge,
+            format!(
+                "message {topic}/{partition}@{offset} has {} bytes, more than source.max_message_bytes = {}",
+                raw.len(),
+                cfg.max_message_bytes
+            ),
+            None,
+            None,
+        );
+    }
+    let payload = if cfg.message_format == MessageFormat::Shard {
+        // A whole shard: its own buffer (its records are parsed out of it).
+        Bytes::copy_from_slice(raw)
+    } else {
+        copy.payload(raw)
     };
     if cfg.message_format == MessageFormat::Shard {
         let skip = {
