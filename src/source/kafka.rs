@@ -10,7 +10,9 @@
 //!
 //! Each partition's messages are read from its own librdkafka queue by its own task (split off
 //! when the partition is first assigned), so polling, the largest cost per message, runs on
-//! every core; records of one partition stay in offset order.
+//! every core; records of one partition stay in offset order. Those queues are read in batches
+//! ([`super::kafka_partition`]: one librdkafka call per burst instead of an event object and
+//! an allocation per message).
 //!
 //! Broker outages are librdkafka's to ride out (it reconnects with backoff); the source reports
 //! the connection state ([`KafkaHandle::connected`], shown by `/readyz`) and never ends on an
@@ -28,7 +30,6 @@ use bytes::{Bytes, BytesMut};
 use futures::{FutureExt, StreamExt};
 use rdkafka::client::ClientContext;
 use rdkafka::config::ClientConfig;
-use rdkafka::consumer::stream_consumer::StreamPartitionQueue;
 use rdkafka::consumer::{
     BaseConsumer, CommitMode, Consumer, ConsumerContext, ConsumerGroupMetadata, MessageStream,
     StreamConsumer,
@@ -43,6 +44,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+use super::kafka_partition::{PartitionQueue, RawMessage};
 use super::webdataset::{read_shard, ReadOptions, TransportFault};
 use super::{DataMetrics, RejectReason, RejectedRecord, SourceError, SourceItem, SourceState};
 use crate::record::{Position, Record};
@@ -297,7 +299,7 @@ impl Shared {
                 continue;
             }
             // None (a topic name with a NUL byte): its messages stay on the main queue.
-            if let Some(q) = consumer.split_partition_queue(el.topic(), el.partition()) {
+            if let Some(q) = PartitionQueue::split(&consumer, el.topic(), el.partition(), BURST) {
                 if self.split_tx.send(q).is_ok() {
                     split.insert(key);
                 }
@@ -646,18 +648,18 @@ async fn consume(
     loop {
         tokio::select! {
             _ = cancel.cancelled() => return,
-            Some(queue) = split.recv() => {
+            Some(mut queue) = split.recv() => {
                 let mut reader = Reader::new(cfg.clone(), shared.clone(), metrics.clone(), tx.clone());
                 let cancel = cancel.clone();
                 tokio::spawn(async move {
-                    let mut stream = queue.stream();
-                    loop {
-                        let msg = tokio::select! {
-                            _ = cancel.cancelled() => return,
-                            m = stream.next() => m,
+                    while !cancel.is_cancelled() {
+                        let Some(first) = queue.next_ready() else {
+                            tokio::select! {
+                                _ = cancel.cancelled() => return,
+                                _ = queue.ready() => continue,
+                            }
                         };
-                        let Some(msg) = msg else { return };
-                        if !reader.burst(msg, &mut stream, &cancel).await {
+                        if !reader.burst(first, &mut queue, &cancel).await {
                             return;
                         }
                     }
@@ -673,8 +675,27 @@ async fn consume(
     }
 }
 
-/// A partition's own queue (messages of that partition only), split off at assignment.
-type PartitionQueue = StreamPartitionQueue<Ctx>;
+/// Messages already waiting in a queue, taken without waiting.
+trait Waiting {
+    type Msg: Message;
+    fn next_waiting(&mut self) -> Option<KafkaResult<Self::Msg>>;
+}
+
+/// The main queue, through rdkafka's event API (it also serves group events).
+impl<'a> Waiting for MessageStream<'a, Ctx> {
+    type Msg = BorrowedMessage<'a>;
+    fn next_waiting(&mut self) -> Option<KafkaResult<BorrowedMessage<'a>>> {
+        self.next().now_or_never().flatten()
+    }
+}
+
+/// A partition's own queue, taken from in batches.
+impl Waiting for PartitionQueue {
+    type Msg = RawMessage;
+    fn next_waiting(&mut self) -> Option<KafkaResult<RawMessage>> {
+        self.next_ready()
+    }
+}
 
 /// One reading loop's state between bursts (the main queue's, or one partition queue's).
 struct Reader {
@@ -711,13 +732,13 @@ impl Reader {
         }
     }
 
-    /// Handles `first` and whatever `stream` already holds after it (up to a burst), and hands
+    /// Handles `first` and whatever `queue` already holds after it (up to a burst), and hands
     /// the items downstream in order. False when the source must stop (downstream gone, or
     /// cancelled during an error back-off).
-    async fn burst<'a>(
+    async fn burst<W: Waiting>(
         &mut self,
-        first: KafkaResult<BorrowedMessage<'a>>,
-        stream: &mut MessageStream<'a, Ctx>,
+        first: KafkaResult<W::Msg>,
+        queue: &mut W,
         cancel: &CancellationToken,
     ) -> bool {
         let mut shard = None;
@@ -760,7 +781,7 @@ impl Reader {
                 }
             }
             if self.items.len() < self.burst {
-                next = stream.next().now_or_never().flatten();
+                next = queue.next_waiting();
             }
         }
         if !self.items.is_empty() || shard.is_some() {

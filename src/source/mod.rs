@@ -6,6 +6,7 @@
 mod config;
 pub mod deadletter;
 pub mod kafka;
+mod kafka_partition;
 pub mod metrics;
 mod object_store;
 mod state;
