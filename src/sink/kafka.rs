@@ -233,6 +233,20 @@ pub fn encode_binary(
     emb: &[f32],
 ) -> Vec<u8> {
     let mut v = Vec::with_capacity(HEADER_BYTES + 4 * emb.len());
+    encode_binary_into(&mut v, step, cluster, class_label, emb);
+    v
+}
+
+/// [`encode_binary`] into `v` (cleared first), so a sink reuses one buffer for every record.
+pub fn encode_binary_into(
+    v: &mut Vec<u8>,
+    step: u64,
+    cluster: Option<u32>,
+    class_label: Option<i64>,
+    emb: &[f32],
+) {
+    v.clear();
+    v.reserve(HEADER_BYTES + 4 * emb.len());
     v.extend_from_slice(MAGIC);
     v.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
     let flags = u16::from(cluster.is_some()) | (u16::from(class_label.is_some()) << 1);
@@ -241,10 +255,13 @@ pub fn encode_binary(
     v.extend_from_slice(&cluster.unwrap_or(0).to_le_bytes());
     v.extend_from_slice(&(emb.len() as u32).to_le_bytes());
     v.extend_from_slice(&class_label.unwrap_or(0).to_le_bytes());
-    for x in emb {
-        v.extend_from_slice(&x.to_le_bytes());
+    // Sized once and filled in place: a per-value extend checks the capacity every time and
+    // does not vectorise.
+    let start = v.len();
+    v.resize(start + 4 * emb.len(), 0);
+    for (out, x) in v[start..].chunks_exact_mut(4).zip(emb) {
+        out.copy_from_slice(&x.to_le_bytes());
     }
-    v
 }
 
 /// Parse a binary value; errors say what is wrong.
@@ -398,15 +415,18 @@ impl KafkaSink {
                 b.embeddings.len()
             )));
         }
+        // One value and one key buffer for the batch (librdkafka copies both on enqueue).
+        let mut payload = Vec::new();
+        let mut versioned = String::new();
         for (i, key) in b.keys.iter().enumerate() {
             let cluster = b.clusters.get(i).copied().flatten();
             let class_label = b.class_labels.get(i).copied().flatten();
             let emb = &b.embeddings[i * d..(i + 1) * d];
-            let (payload, ct) = match self.cfg.encoding {
-                Encoding::Binary => (
-                    encode_binary(b.step, cluster, class_label, emb),
-                    CONTENT_TYPE_BINARY,
-                ),
+            let ct = match self.cfg.encoding {
+                Encoding::Binary => {
+                    encode_binary_into(&mut payload, b.step, cluster, class_label, emb);
+                    CONTENT_TYPE_BINARY
+                }
                 Encoding::Json => {
                     let v = EmbeddingValue {
                         step: b.step,
@@ -414,15 +434,19 @@ impl KafkaSink {
                         class_label,
                         embedding: emb.to_vec(),
                     };
-                    let j = encode_json(key, &b.model_version, &v)
+                    payload = encode_json(key, &b.model_version, &v)
                         .map_err(|e| SinkError::BadBatch(e.to_string()))?;
-                    (j, "application/json")
+                    "application/json"
                 }
             };
             let key = if self.versioned_keys {
-                format!("{key}@{}", b.model_version)
+                versioned.clear();
+                versioned.push_str(key);
+                versioned.push('@');
+                versioned.push_str(&b.model_version);
+                versioned.as_str()
             } else {
-                key.clone()
+                key.as_str()
             };
             let headers = OwnedHeaders::new_with_capacity(2)
                 .insert(Header {
@@ -435,7 +459,7 @@ impl KafkaSink {
                 });
             self.send(key.as_bytes(), &payload, headers, 0).await?;
         }
-        Ok(())
+        self.reap().await
     }
 
     /// Enqueue one record, waiting on deliveries while the bound or librdkafka's queue is full.
@@ -476,7 +500,13 @@ impl KafkaSink {
                 }
             }
         }
-        // Reap what is already confirmed, without waiting.
+        Ok(())
+    }
+
+    /// Settle the deliveries already confirmed, without waiting (once per batch: polling a
+    /// delivery future touches state the producer's thread writes, which per record cost more
+    /// than the send itself).
+    async fn reap(&mut self) -> Result<(), SinkError> {
         while let Some(front) = self.inflight.front_mut() {
             match (&mut front.fut).now_or_never() {
                 None => break,
