@@ -653,7 +653,7 @@ async fn consume(
                 let cancel = cancel.clone();
                 tokio::spawn(async move {
                     while !cancel.is_cancelled() {
-                        let Some(first) = queue.next_ready() else {
+                        let Some(first) = queue.next_ready(reader.room()) else {
                             tokio::select! {
                                 _ = cancel.cancelled() => return,
                                 _ = queue.ready() => continue,
@@ -678,13 +678,14 @@ async fn consume(
 /// Messages already waiting in a queue, taken without waiting.
 trait Waiting {
     type Msg: Message;
-    fn next_waiting(&mut self) -> Option<KafkaResult<Self::Msg>>;
+    /// `room`: how many messages the caller handles before it next awaits.
+    fn next_waiting(&mut self, room: usize) -> Option<KafkaResult<Self::Msg>>;
 }
 
 /// The main queue, through rdkafka's event API (it also serves group events).
 impl<'a> Waiting for MessageStream<'a, Ctx> {
     type Msg = BorrowedMessage<'a>;
-    fn next_waiting(&mut self) -> Option<KafkaResult<BorrowedMessage<'a>>> {
+    fn next_waiting(&mut self, _room: usize) -> Option<KafkaResult<BorrowedMessage<'a>>> {
         self.next().now_or_never().flatten()
     }
 }
@@ -692,8 +693,8 @@ impl<'a> Waiting for MessageStream<'a, Ctx> {
 /// A partition's own queue, taken from in batches.
 impl Waiting for PartitionQueue {
     type Msg = RawMessage;
-    fn next_waiting(&mut self) -> Option<KafkaResult<RawMessage>> {
-        self.next_ready()
+    fn next_waiting(&mut self, room: usize) -> Option<KafkaResult<RawMessage>> {
+        self.next_ready(room)
     }
 }
 
@@ -729,6 +730,15 @@ impl Reader {
             base,
             backoff: base,
             burst,
+        }
+    }
+
+    /// Messages this reader handles before it next awaits: the rest of its burst, or one at
+    /// a time for shard messages (each ends a burst).
+    fn room(&self) -> usize {
+        match self.cfg.message_format {
+            MessageFormat::Image => self.burst - self.items.len().min(self.burst),
+            MessageFormat::Shard => 1,
         }
     }
 
@@ -781,7 +791,7 @@ impl Reader {
                 }
             }
             if self.items.len() < self.burst {
-                next = queue.next_waiting();
+                next = queue.next_waiting(self.room());
             }
         }
         if !self.items.is_empty() || shard.is_some() {

@@ -5,6 +5,11 @@
 //! `rd_kafka_consume_batch_queue` takes every message already queued (up to a burst) in one
 //! call. This module is the Kafka source's only unsafe code: it owns the queue and message
 //! pointers and frees each exactly once, and keeps the consumer alive while it holds them.
+//!
+//! Errors that librdkafka attaches to a partition (fetch errors, partition EOF) come out as
+//! messages with an error code and are returned as such; errors it raises as separate events
+//! on a partition queue (an unknown topic or partition) are only logged by librdkafka on this
+//! path. Broker connectivity is reported through the main queue either way.
 
 use std::collections::VecDeque;
 use std::ffi::{c_void, CStr, CString};
@@ -80,26 +85,31 @@ impl PartitionQueue {
         })
     }
 
-    /// The next message already in the queue, without waiting.
-    pub(super) fn next_ready(&mut self) -> Option<KafkaResult<RawMessage>> {
+    /// The next message already in the queue, without waiting. When none was taken before,
+    /// takes up to `room` (at most the burst size): the caller's use for them right now.
+    /// Messages taken are out of librdkafka's reach (its filter of messages fetched before a
+    /// revoke or seek, its queued-bytes limit, the position behind the lag metric), so
+    /// taking more than are handled at once would hold some back across awaits.
+    pub(super) fn next_ready(&mut self, room: usize) -> Option<KafkaResult<RawMessage>> {
         if self.taken.is_empty() {
-            self.take_batch();
+            self.take_batch(room);
         }
         self.taken.pop_front().map(RawMessage::into_result)
     }
 
-    /// Moves every message already queued, up to a burst, into `taken`: one call into
-    /// librdkafka for the lot.
-    fn take_batch(&mut self) {
+    /// Moves up to `max` messages already queued into `taken`: one call into librdkafka for
+    /// the lot.
+    fn take_batch(&mut self, max: usize) {
         self.scratch.clear();
-        // SAFETY: `scratch` has room for `capacity()` pointers; librdkafka writes `n` of them,
-        // each a message we now own (wrapped at once, so freed exactly once).
+        let max = max.clamp(1, self.scratch.capacity());
+        // SAFETY: `scratch` has room for `max` ≤ `capacity()` pointers; librdkafka writes `n`
+        // of them, each a message we now own (wrapped at once, so freed exactly once).
         let n = unsafe {
             rdsys::rd_kafka_consume_batch_queue(
                 self.ptr.as_ptr(),
                 0,
                 self.scratch.as_mut_ptr(),
-                self.scratch.capacity(),
+                max,
             )
         };
         if n <= 0 {
@@ -135,6 +145,8 @@ impl Drop for PartitionQueue {
 }
 
 /// A message taken from a partition queue; destroyed (its librdkafka buffer released) on drop.
+/// It must be dropped before its consumer is destroyed: the Kafka source handles each one
+/// within the burst that took it, while its reader holds the queue (and so the consumer).
 pub(super) struct RawMessage(NonNull<rdsys::rd_kafka_message_t>);
 
 // SAFETY: a consumed librdkafka message may be read and destroyed on any thread.
