@@ -737,7 +737,7 @@ impl Reader {
     /// a time for shard messages (each ends a burst).
     fn room(&self) -> usize {
         match self.cfg.message_format {
-            MessageFormat::Image => self.burst - self.items.len().min(self.burst),
+            MessageFormat::Image => self.burst.saturating_sub(self.items.len()),
             MessageFormat::Shard => 1,
         }
     }
