@@ -1,5 +1,7 @@
-//! Training metrics and the HTTP endpoint: `/metrics` (Prometheus text), `/healthz` (the
-//! process is alive) and `/readyz` (source connected, training, checkpoints succeeding).
+//! The HTTP endpoint every stage reports through: `/metrics` (Prometheus text), `/healthz`
+//! (the process is alive) and `/readyz` (source connected, training, checkpoints succeeding),
+//! and [`Health`], the readiness inputs the stages set. The stages' own counters live beside
+//! them (`train::TrainMetrics`, `source::DataMetrics`, the sinks').
 //!
 //! One `prometheus::Registry` is created by the pipeline and passed to every stage: no
 //! global statics, so tests can assert on it.
@@ -13,14 +15,9 @@ use axum::http::{header, StatusCode};
 use axum::response::IntoResponse;
 use axum::routing::get;
 use axum::Router;
-use prometheus::{
-    Encoder, Gauge, Histogram, HistogramOpts, IntCounter, IntGauge, Registry, TextEncoder,
-};
+use prometheus::{Encoder, Registry, TextEncoder};
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
-
-use crate::odc::MemoryStats;
-use crate::train::StepOutput;
 
 fn default_listen() -> String {
     "127.0.0.1:9898".into()
@@ -43,168 +40,28 @@ fn default_true() -> bool {
     true
 }
 
+impl MetricsConfig {
+    /// Checks the values; errors name the field.
+    pub fn validate(&self) -> Result<(), crate::validate::FieldError> {
+        if self.enabled && self.listen.parse::<SocketAddr>().is_err() {
+            return Err(crate::validate::FieldError::new(
+                "metrics.listen",
+                format!(
+                    "`{}` is not an address: use HOST:PORT such as 127.0.0.1:9898",
+                    self.listen
+                ),
+            ));
+        }
+        Ok(())
+    }
+}
+
 impl Default for MetricsConfig {
     fn default() -> Self {
         MetricsConfig {
             listen: default_listen(),
             enabled: true,
         }
-    }
-}
-
-/// Gauges and counters of the trainer and the ODC memory.
-#[derive(Clone)]
-pub struct TrainMetrics {
-    pub steps: IntCounter,
-    pub images_trained: IntCounter,
-    pub step_seconds: Histogram,
-    pub forward_seconds: Gauge,
-    pub backward_seconds: Gauge,
-    pub memory_seconds: Gauge,
-    pub input_wait_seconds: IntCounterF,
-    pub images_per_second: Gauge,
-    pub loss: Gauge,
-    pub accuracy: Gauge,
-    pub lr: Gauge,
-    pub change_ratio: Gauge,
-    pub empty_clusters: IntGauge,
-    pub small_clusters: IntGauge,
-    pub min_cluster_size: IntGauge,
-    pub max_cluster_size: IntGauge,
-    pub cluster_size_entropy: Gauge,
-    pub cluster_splits: IntCounter,
-    pub memory_fill: IntGauge,
-    pub memory_capacity: IntGauge,
-    pub memory_evictions: IntGauge,
-    pub step: IntGauge,
-    pub batch_queue_depth: IntGauge,
-    pub last_checkpoint_timestamp: Gauge,
-    pub checkpoint_failures: IntCounter,
-    pub checkpoints: IntCounter,
-}
-
-/// A float counter (seconds spent waiting): prometheus' `Counter` with f64.
-pub type IntCounterF = prometheus::Counter;
-
-impl TrainMetrics {
-    pub fn register(r: &Registry) -> prometheus::Result<Self> {
-        fn reg<T: prometheus::core::Collector + Clone + 'static>(
-            r: &Registry,
-            c: T,
-        ) -> prometheus::Result<T> {
-            r.register(Box::new(c.clone()))?;
-            Ok(c)
-        }
-        let g = |n: &str, h: &str| reg(r, Gauge::new(n, h)?);
-        let ig = |n: &str, h: &str| reg(r, IntGauge::new(n, h)?);
-        let ic = |n: &str, h: &str| reg(r, IntCounter::new(n, h)?);
-        Ok(TrainMetrics {
-            steps: ic("odcd_train_steps_total", "Training steps completed")?,
-            images_trained: ic("odcd_train_images_total", "Images trained on")?,
-            step_seconds: reg(
-                r,
-                Histogram::with_opts(
-                    HistogramOpts::new("odcd_train_step_seconds", "Wall time of a training step")
-                        .buckets(prometheus::exponential_buckets(0.01, 2.0, 14)?),
-                )?,
-            )?,
-            forward_seconds: g(
-                "odcd_train_forward_seconds",
-                "Forward time of the last step",
-            )?,
-            backward_seconds: g(
-                "odcd_train_backward_seconds",
-                "Backward time of the last step",
-            )?,
-            memory_seconds: g(
-                "odcd_train_memory_seconds",
-                "ODC memory work (labels, update, centroids, small clusters) of the last step",
-            )?,
-            input_wait_seconds: reg(
-                r,
-                prometheus::Counter::new(
-                    "odcd_train_input_wait_seconds_total",
-                    "Time the trainer waited for input batches",
-                )?,
-            )?,
-            images_per_second: g(
-                "odcd_train_images_per_second",
-                "Training throughput over the last log window",
-            )?,
-            loss: g("odcd_train_loss", "Weighted cross-entropy of the last step")?,
-            accuracy: g(
-                "odcd_train_accuracy_ratio",
-                "Head top-1 accuracy against memory labels, last step",
-            )?,
-            lr: g("odcd_train_learning_rate", "Learning rate of the last step")?,
-            change_ratio: g(
-                "odcd_odc_change_ratio",
-                "Fraction of re-visited samples whose cluster label changed, last step",
-            )?,
-            empty_clusters: ig("odcd_odc_empty_clusters", "Clusters with no member")?,
-            small_clusters: ig("odcd_odc_small_clusters", "Clusters below min_cluster")?,
-            min_cluster_size: ig("odcd_odc_min_cluster_size", "Smallest cluster size")?,
-            max_cluster_size: ig("odcd_odc_max_cluster_size", "Largest cluster size")?,
-            cluster_size_entropy: g(
-                "odcd_odc_cluster_size_entropy_nats",
-                "Entropy of the cluster-size distribution",
-            )?,
-            cluster_splits: ic(
-                "odcd_odc_cluster_splits_total",
-                "Clusters re-seeded by splitting the largest",
-            )?,
-            memory_fill: ig("odcd_odc_memory_entries", "Entries in the samples memory")?,
-            memory_capacity: ig(
-                "odcd_odc_memory_capacity_entries",
-                "Capacity of the samples memory",
-            )?,
-            memory_evictions: ig(
-                "odcd_odc_memory_evictions_total",
-                "Entries evicted from the samples memory",
-            )?,
-            step: ig("odcd_train_step", "Current global step")?,
-            batch_queue_depth: ig(
-                "odcd_batch_queue_depth",
-                "Decoded batches waiting for the trainer (bounded by pipeline.batch_queue)",
-            )?,
-            last_checkpoint_timestamp: g(
-                "odcd_checkpoint_last_success_timestamp_seconds",
-                "Unix time of the last durable checkpoint",
-            )?,
-            checkpoint_failures: ic(
-                "odcd_checkpoint_failures_total",
-                "Checkpoint writes that failed",
-            )?,
-            checkpoints: ic("odcd_checkpoints_total", "Checkpoints written")?,
-        })
-    }
-
-    pub fn observe_step(&self, out: &StepOutput, splits: usize, batch: usize) {
-        self.steps.inc();
-        self.step.set(out.step as i64 + 1);
-        self.images_trained.inc_by(batch as u64);
-        let t = &out.timings;
-        self.step_seconds
-            .observe(t.forward + t.backward + t.optimizer + t.memory);
-        self.forward_seconds.set(t.forward);
-        self.backward_seconds.set(t.backward);
-        self.memory_seconds.set(t.memory);
-        self.loss.set(out.loss as f64);
-        self.accuracy.set(out.accuracy as f64);
-        self.lr.set(out.lr);
-        self.change_ratio.set(out.change_ratio);
-        self.cluster_splits.inc_by(splits as u64);
-    }
-
-    pub fn observe_memory(&self, s: &MemoryStats) {
-        self.empty_clusters.set(s.empty_clusters as i64);
-        self.small_clusters.set(s.small_clusters as i64);
-        self.min_cluster_size.set(s.min_size as i64);
-        self.max_cluster_size.set(s.max_size as i64);
-        self.cluster_size_entropy.set(s.size_entropy);
-        self.memory_fill.set(s.fill as i64);
-        self.memory_capacity.set(s.capacity as i64);
-        self.memory_evictions.set(s.evictions_total as i64);
     }
 }
 

@@ -12,6 +12,8 @@ use serde::{Deserialize, Serialize};
 
 #[derive(Debug, thiserror::Error)]
 pub enum OptimError {
+    #[error(transparent)]
+    Field(#[from] crate::validate::FieldError),
     #[error("tensor error: {0}")]
     Candle(#[from] candle_core::Error),
     #[error("invalid optimizer setting `{field}`: {msg}")]
@@ -100,12 +102,11 @@ impl Default for SgdConfig {
     }
 }
 
+use crate::validate::FieldError;
+
 impl SgdConfig {
-    pub fn validate(&self) -> Result<(), OptimError> {
-        let bad = |field: &str, msg: &str| OptimError::Config {
-            field: field.into(),
-            msg: msg.into(),
-        };
+    pub fn validate(&self) -> Result<(), FieldError> {
+        let bad = |field: &str, msg: &str| FieldError::new(field, msg);
         if !(self.lr.is_finite() && self.lr > 0.0) {
             return Err(bad("optimizer.lr", "must be a finite number > 0"));
         }

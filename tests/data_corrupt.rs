@@ -1,9 +1,9 @@
 //! Corrupt inputs: each is counted under its reason while the good records around it arrive.
 
 use object_store::{local::LocalFileSystem, path::Path};
+use odcd::deadletter::DeadLetter;
 use odcd::decode::{AugmentConfig, BatchStream, PipelineConfig, TransformConfig};
 use odcd::shards::ShardWriter;
-use odcd::source::deadletter::DeadLetter;
 use odcd::source::{
     DataMetrics, ObjectStoreSource, ObjectStoreSourceConfig, RejectReason, SourceState,
 };

@@ -3,7 +3,7 @@
 
 use clap::Parser;
 use object_store::{local::LocalFileSystem, path::Path};
-use odcd::shards::cli::ShardsCmd;
+use odcd::cmd::shards::ShardsCmd;
 use odcd::shards::inspect;
 use std::sync::Arc;
 

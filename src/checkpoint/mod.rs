@@ -15,7 +15,7 @@
 //! Readers trust only manifests, so a crash at any point leaves either a whole checkpoint or
 //! one that is invisible. Every part is verified (size and CRC32) on load.
 
-pub mod cli;
+mod config;
 mod format;
 
 #[cfg(test)]
@@ -32,6 +32,7 @@ use object_store::ObjectStore;
 use serde::{Deserialize, Serialize};
 
 use crate::odc::StreamingState;
+pub use config::CheckpointConfig;
 use format::{PartWriter, WriteError};
 
 /// Version of the manifest / part layout written by this build.
@@ -297,14 +298,14 @@ impl CheckpointStore {
     /// `AWS_*` / `GOOGLE_*` / `AZURE_*` environment variables. `keep`: how many checkpoints
     /// [`Self::save`] keeps (0 = keep all).
     pub fn open(url: &str, options: &BTreeMap<String, String>, keep: usize) -> Result<Self> {
-        let url = crate::config::local_path_to_url(url, "checkpoint.url").map_err(|e| {
+        let url = crate::store::local_path_to_url(url, "checkpoint.url").map_err(|e| {
             CheckpointError::BadUrl {
                 url: url.to_string(),
                 message: e.to_string(),
             }
         })?;
         let (store, prefix) =
-            crate::source::open_store(&url, options).map_err(|e| CheckpointError::BadUrl {
+            crate::store::open_store(&url, options).map_err(|e| CheckpointError::BadUrl {
                 url: url.clone(),
                 message: e.to_string(),
             })?;

@@ -374,7 +374,7 @@ async fn cli_parses_and_runs_on_a_local_path() {
     #[derive(clap::Parser)]
     struct Cli {
         #[command(subcommand)]
-        cmd: cli::CheckpointCmd,
+        cmd: crate::cmd::checkpoint::CheckpointCmd,
     }
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().to_str().unwrap();
@@ -382,14 +382,14 @@ async fn cli_parses_and_runs_on_a_local_path() {
     store.save(&checkpoint(9, Some(&memory()))).await.unwrap();
 
     let list = Cli::try_parse_from(["odcd", "list", path]).unwrap().cmd;
-    assert!(matches!(&list, cli::CheckpointCmd::List { url } if url == path));
+    assert!(matches!(&list, crate::cmd::checkpoint::CheckpointCmd::List { url } if url == path));
     list.run().await.unwrap();
     let inspect = Cli::try_parse_from(["odcd", "inspect", path, "--step", "9"])
         .unwrap()
         .cmd;
     assert!(matches!(
         inspect,
-        cli::CheckpointCmd::Inspect { step: Some(9), .. }
+        crate::cmd::checkpoint::CheckpointCmd::Inspect { step: Some(9), .. }
     ));
     inspect.run().await.unwrap();
     let missing = Cli::try_parse_from(["odcd", "inspect", path, "--step", "8"])

@@ -158,6 +158,20 @@ pub enum TransformConfig {
 }
 
 impl TransformConfig {
+    /// The eval transform matching this one (resize + centre crop at the train size, same
+    /// normalisation): what `odcd embed`, `odcd eval` and the in-daemon evaluation use.
+    pub fn for_eval(&self) -> TransformConfig {
+        match self {
+            TransformConfig::Train(a) => TransformConfig::Eval(EvalConfig {
+                resize: a.size,
+                size: a.size,
+                mean: a.mean.clone(),
+                std: a.std.clone(),
+            }),
+            TransformConfig::Eval(e) => TransformConfig::Eval(e.clone()),
+        }
+    }
+
     /// Output side length.
     pub fn size(&self) -> u32 {
         match self {
@@ -194,36 +208,7 @@ pub struct PipelineConfig {
     /// Where rejected records go (`<url>/<reason>/<key>-<crc32>.<ext>` + `.json`); none = only
     /// counted and logged.
     #[serde(default)]
-    pub dead_letter: Option<DeadLetterConfig>,
-}
-
-/// Dead-letter destination: an object-store prefix (`url`) or a Kafka topic (`kafka`).
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct DeadLetterConfig {
-    /// Prefix URL, e.g. `s3://bucket/dead-letter` or `file:///var/lib/odcd/dead-letter`.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub url: Option<String>,
-    /// object_store options overriding the environment (as for the source).
-    #[serde(default)]
-    pub options: std::collections::BTreeMap<String, String>,
-    /// A Kafka topic instead: value = the original bytes, reason and context in headers.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub kafka: Option<crate::sink::KafkaTopicConfig>,
-}
-
-impl DeadLetterConfig {
-    /// Exactly one destination, and a valid one.
-    pub fn validate(&self) -> Result<(), crate::sink::SinkError> {
-        match (&self.url, &self.kafka) {
-            (Some(_), None) => Ok(()),
-            (None, Some(k)) => k.validate("pipeline.dead_letter.kafka"),
-            _ => Err(crate::sink::SinkError::KafkaConfig {
-                field: "pipeline.dead_letter".into(),
-                message: "set exactly one of `url` (object store) and `kafka` (a topic)".into(),
-            }),
-        }
-    }
+    pub dead_letter: Option<crate::deadletter::DeadLetterConfig>,
 }
 
 fn default_batch_queue() -> usize {
@@ -237,6 +222,34 @@ fn default_dead_letter_queue() -> usize {
 }
 
 impl PipelineConfig {
+    /// Checks the values; errors name the field.
+    pub fn validate(&self) -> Result<(), crate::validate::FieldError> {
+        use crate::validate::FieldError;
+        if self.batch_size == 0 {
+            return Err(FieldError::new("pipeline.batch_size", "must be > 0"));
+        }
+        if self.batch_size < 2 {
+            return Err(FieldError::new(
+                "pipeline.batch_size",
+                "must be at least 2: BatchNorm needs two samples to compute batch statistics",
+            ));
+        }
+        if let Some(d) = &self.dead_letter {
+            d.validate()?;
+        }
+        Ok(())
+    }
+
+    /// The same pipeline with the eval transform, batches of `batch` and no dead letters (an
+    /// evaluation reads labelled sets, not the training stream).
+    pub fn for_eval(&self, batch: usize) -> PipelineConfig {
+        let mut p = self.clone();
+        p.transform = self.transform.for_eval();
+        p.batch_size = batch.max(1);
+        p.dead_letter = None;
+        p
+    }
+
     /// Defaults around a batch size and a transform.
     pub fn new(batch_size: usize, transform: TransformConfig) -> Self {
         PipelineConfig {

@@ -3,8 +3,8 @@
 use super::augment::{eval_transform, sample_rng, train_transform};
 use super::config::{PipelineConfig, TransformConfig};
 use super::image::{decode_into, DecodeError};
+use crate::deadletter::DeadLetter;
 use crate::record::{Batch, Record};
-use crate::source::deadletter::DeadLetter;
 use crate::source::{DataMetrics, RejectReason, RejectedRecord, SourceItem, SourceState};
 use candle_core::{Device, Tensor};
 use rayon::prelude::*;
@@ -214,7 +214,6 @@ impl BatchDecoder {
 pub struct BatchStream {
     rx: mpsc::Receiver<(Batch, SourceState)>,
     state: SourceState,
-    kafka: Option<crate::source::KafkaHandle>,
 }
 
 impl BatchStream {
@@ -230,61 +229,10 @@ impl BatchStream {
         self.rx.len()
     }
 
-    /// The Kafka source's handle (offset commits, connection state), for a Kafka source.
-    pub fn kafka(&self) -> Option<crate::source::KafkaHandle> {
-        self.kafka.clone()
-    }
-
     /// Resume point covering every batch returned so far (and the rejects before them):
     /// store it in checkpoints and pass it back to the source on restart.
     pub fn state(&self) -> &SourceState {
         &self.state
-    }
-
-    /// Build the whole data path from config: object-store or Kafka source (resumed from
-    /// `resume`) → decode/augment → batches. Must be called inside a tokio runtime.
-    pub fn from_config(
-        source: crate::source::SourceConfig,
-        cfg: PipelineConfig,
-        metrics: DataMetrics,
-        resume: SourceState,
-        cancel: CancellationToken,
-    ) -> Result<BatchStream, PipelineError> {
-        // Validate before starting the source so a bad config starts nothing.
-        BatchDecoder::new(cfg.clone())?;
-        let dead_letter = match &cfg.dead_letter {
-            Some(d) => match (&d.url, &d.kafka) {
-                (_, Some(k)) => Some(DeadLetter::kafka(
-                    crate::sink::kafka::KafkaDeadLetter::open(k)
-                        .map_err(|e| PipelineError::Config(e.to_string()))?,
-                )),
-                (Some(url), None) => {
-                    let (store, prefix) = crate::source::open_store(url, &d.options)?;
-                    Some(DeadLetter::new(store, prefix))
-                }
-                (None, None) => {
-                    return Err(PipelineError::Config(
-                        "pipeline.dead_letter needs `url` or `kafka`".into(),
-                    ))
-                }
-            },
-            None => None,
-        };
-        let (rx, kafka) = match source {
-            crate::source::SourceConfig::ObjectStore(s) => {
-                let src =
-                    crate::source::ObjectStoreSource::from_config(s)?.with_metrics(metrics.clone());
-                (src.spawn(resume.clone(), cancel.clone()), None)
-            }
-            crate::source::SourceConfig::Kafka(k) => {
-                let src = crate::source::KafkaSource::new(k, metrics.clone())?;
-                let (rx, h) = src.spawn(&resume, cancel.clone())?;
-                (rx, Some(h))
-            }
-        };
-        let mut s = Self::spawn(rx, cfg, metrics, dead_letter, resume, cancel)?;
-        s.kafka = kafka;
-        Ok(s)
     }
 
     /// Start decoding `source` (a source's receiver) into batches. The decode runs on its own
@@ -308,8 +256,9 @@ impl BatchStream {
                 .build()?,
         );
         let (tx, rx) = mpsc::channel(cfg.batch_queue.max(1));
-        let dl_tx = dead_letter
-            .map(|dl| spawn_dead_letter(dl, cfg.dead_letter_queue.max(1), metrics.clone()));
+        let dl_tx = dead_letter.map(|dl| {
+            crate::deadletter::spawn_writer(dl, cfg.dead_letter_queue.max(1), metrics.clone())
+        });
         let stage = Stage {
             source,
             decoder,
@@ -323,32 +272,8 @@ impl BatchStream {
             state: resume.clone(),
         };
         tokio::spawn(stage.run());
-        Ok(BatchStream {
-            rx,
-            state: resume,
-            kafka: None,
-        })
+        Ok(BatchStream { rx, state: resume })
     }
-}
-
-fn spawn_dead_letter(
-    dl: DeadLetter,
-    cap: usize,
-    metrics: DataMetrics,
-) -> mpsc::Sender<RejectedRecord> {
-    let (tx, mut rx) = mpsc::channel::<RejectedRecord>(cap);
-    tokio::spawn(async move {
-        while let Some(r) = rx.recv().await {
-            match dl.write(&r).await {
-                Ok(()) => metrics.deadletter_written.inc(),
-                Err(e) => {
-                    metrics.deadletter_dropped.inc();
-                    tracing::warn!(key = %r.key, "dead-letter write failed: {e}");
-                }
-            }
-        }
-    });
-    tx
 }
 
 /// The async side of the decode stage: only moves records and waits; CPU work goes to rayon.

@@ -16,7 +16,7 @@ use tokio_util::sync::CancellationToken;
 use super::data::{self, FeatureKind, LabelledSet};
 use super::knn::{self, KnnResult};
 use super::EvalError;
-use crate::config::Config;
+use super::EvalModel;
 
 fn default_every_steps() -> u64 {
     500
@@ -66,10 +66,9 @@ pub struct KnnEvalConfig {
 
 impl KnnEvalConfig {
     /// Checks the values; errors name the field.
-    pub fn validate(&self) -> Result<(), EvalError> {
-        let bad = |field: &str, message: String| EvalError::Invalid {
-            field: format!("eval.{field}"),
-            message,
+    pub fn validate(&self) -> Result<(), crate::validate::FieldError> {
+        let bad = |field: &str, message: String| {
+            crate::validate::FieldError::new(format!("eval.{field}"), message)
         };
         for (field, url) in [("train_url", &self.train_url), ("test_url", &self.test_url)] {
             if url.trim().is_empty() {
@@ -175,7 +174,7 @@ pub struct DaemonEval {
 }
 
 struct Worker {
-    cfg: Config,
+    net: EvalModel,
     ecfg: KnnEvalConfig,
     rt: tokio::runtime::Handle,
     cancel: CancellationToken,
@@ -188,7 +187,10 @@ impl Worker {
     fn evaluate(&mut self, job: &Job) -> Result<LatestEval, EvalError> {
         let t0 = Instant::now();
         if self.sets.is_none() {
-            let pipeline = super::eval_pipeline(&self.cfg, self.cfg.pipeline.batch_size.max(64));
+            let pipeline = self
+                .net
+                .pipeline
+                .for_eval(self.net.pipeline.batch_size.max(64));
             let e = &self.ecfg;
             let train = self.rt.block_on(data::load_set(
                 &e.train_url,
@@ -214,17 +216,17 @@ impl Worker {
         let Some((train, test)) = &self.sets else {
             return Err(EvalError::Cancelled);
         };
-        let device = crate::device::select_device(&self.cfg.train.device)
+        let device = crate::device::select_device(&self.net.device)
             .map_err(|e| EvalError::model(format!("train.device: {e}")))?;
-        let model = super::build_model(&self.cfg, Some(&job.weights), 0, &device)?;
-        let batch = self.cfg.pipeline.batch_size.max(64);
+        let model = self.net.build(Some(&job.weights), 0, &device)?;
+        let batch = self.net.pipeline.batch_size.max(64);
         let kind = self.ecfg.feature;
         let (mut ftr, d) =
             data::extract_features(&model, train, kind, batch, &device, Some(&self.cancel))?;
         let (mut fte, _) =
             data::extract_features(&model, test, kind, batch, &device, Some(&self.cancel))?;
-        knn::l2_normalise_rows(&mut ftr, d);
-        knn::l2_normalise_rows(&mut fte, d);
+        crate::odc::normalise_rows(&mut ftr, d);
+        crate::odc::normalise_rows(&mut fte, d);
         let (ytr, yte, classes) = data::dense_labels(&train.labels, &test.labels);
         let knn = knn::weighted_knn(
             &ftr,
@@ -291,7 +293,7 @@ impl DaemonEval {
     /// Registers the `odcd_eval_*` metrics and starts the evaluation thread. `rt` runs the
     /// shard reads; `cancel` stops the thread.
     pub fn spawn(
-        cfg: &Config,
+        net: EvalModel,
         ecfg: &KnnEvalConfig,
         registry: &Registry,
         rt: tokio::runtime::Handle,
@@ -306,7 +308,7 @@ impl DaemonEval {
         let latest = Arc::new(Mutex::new(None));
         let cancel = cancel.child_token();
         let worker = Worker {
-            cfg: cfg.clone(),
+            net,
             ecfg: ecfg.clone(),
             rt,
             cancel: cancel.clone(),

@@ -9,7 +9,9 @@ use tokio_util::sync::CancellationToken;
 use super::EvalError;
 use crate::decode::{BatchStream, PipelineConfig};
 use crate::model::OdcModel;
-use crate::source::{DataMetrics, ObjectStoreSourceConfig, RejectReason, SourceMode, SourceState};
+use crate::source::{
+    DataMetrics, ObjectStoreSource, ObjectStoreSourceConfig, RejectReason, SourceMode, SourceState,
+};
 
 /// Decoded, eval-transformed images with their keys and class labels.
 #[derive(Debug, Clone, Default)]
@@ -80,7 +82,7 @@ pub async fn load_set(
     max: Option<usize>,
     cancel: &CancellationToken,
 ) -> Result<LabelledSet, EvalError> {
-    let url = crate::config::local_path_to_url(url, "shards URL").map_err(|e| EvalError::Data {
+    let url = crate::store::local_path_to_url(url, "shards URL").map_err(|e| EvalError::Data {
         url: url.to_string(),
         message: e.to_string(),
     })?;
@@ -93,17 +95,23 @@ pub async fn load_set(
         message: e.to_string(),
     })?;
     let child = cancel.child_token();
-    let mut stream = BatchStream::from_config(
-        crate::source::SourceConfig::ObjectStore(source),
+    let data_err = |e: &dyn std::fmt::Display| EvalError::Data {
+        url: url.clone(),
+        message: e.to_string(),
+    };
+    let rx = ObjectStoreSource::from_config(source)
+        .map_err(|e| data_err(&e))?
+        .with_metrics(metrics.clone())
+        .spawn(SourceState::default(), child.clone());
+    let mut stream = BatchStream::spawn(
+        rx,
         pipeline.clone(),
         metrics.clone(),
+        None,
         SourceState::default(),
         child.clone(),
     )
-    .map_err(|e| EvalError::Data {
-        url: url.clone(),
-        message: e.to_string(),
-    })?;
+    .map_err(|e| data_err(&e))?;
     let size = pipeline.transform.size() as usize;
     let channels = pipeline.decode.channels as usize;
     let mut set = LabelledSet {

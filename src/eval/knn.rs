@@ -18,19 +18,6 @@ pub struct KnnResult {
     pub top1: f64,
 }
 
-/// Scales every row (n × d) to unit L2 norm (zero rows stay zero).
-pub fn l2_normalise_rows(x: &mut [f32], d: usize) {
-    if d == 0 {
-        return;
-    }
-    x.par_chunks_mut(d).for_each(|row| {
-        let n = row.iter().map(|v| v * v).sum::<f32>().sqrt();
-        if n > 0.0 {
-            row.iter_mut().for_each(|v| *v /= n);
-        }
-    });
-}
-
 /// Weighted k-NN top-1 of `test` (m × d, with `test_labels`) against `train` (n × d, with
 /// `train_labels`), for every k in `ks`. Rows must already be L2-normalised (cosine
 /// similarity = dot product). Labels are class ids `0..classes`. Ties between classes go to
@@ -186,7 +173,7 @@ mod tests {
     #[test]
     fn normalise_rows_to_unit_length() {
         let mut x = vec![3.0, 4.0, 0.0, 0.0];
-        l2_normalise_rows(&mut x, 2);
+        crate::odc::normalise_rows(&mut x, 2);
         assert_eq!(x, vec![0.6, 0.8, 0.0, 0.0]);
     }
 }

@@ -18,9 +18,9 @@ use std::time::Instant;
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
-use crate::checkpoint::{CheckpointError, CheckpointStore};
-use crate::config::Config;
-use crate::model::OdcModel;
+use crate::checkpoint::{Checkpoint, CheckpointError, Manifest};
+use crate::decode::PipelineConfig;
+use crate::model::{ModelConfig, OdcModel};
 use cluster_metrics::{Agreement, ClusterStats};
 use data::{FeatureKind, LabelledSet};
 use knn::KnnResult;
@@ -56,6 +56,15 @@ pub enum EvalError {
     Thread(String),
     #[error("cancelled")]
     Cancelled,
+}
+
+impl From<crate::validate::FieldError> for EvalError {
+    fn from(e: crate::validate::FieldError) -> Self {
+        EvalError::Invalid {
+            field: e.field,
+            message: e.message,
+        }
+    }
 }
 
 impl EvalError {
@@ -131,65 +140,38 @@ pub struct EvalReport {
     pub seconds: f64,
 }
 
-/// Loads the checkpoint (`step` or the latest) and the daemon config it was trained with.
-pub async fn load_checkpoint(
-    url: &str,
-    options: &BTreeMap<String, String>,
-    step: Option<u64>,
-) -> Result<
-    (
-        crate::checkpoint::Manifest,
-        crate::checkpoint::Checkpoint,
-        Config,
-    ),
-    EvalError,
-> {
-    let store = CheckpointStore::open(url, options, 0)?;
-    let manifest = store
-        .find(step)
-        .await?
-        .ok_or_else(|| EvalError::NoCheckpoint {
-            url: url.to_string(),
-            step,
-        })?;
-    let ckpt = store.load(&manifest).await?;
-    let cfg: Config =
-        serde_json::from_value(ckpt.config.clone()).map_err(|e| EvalError::CheckpointContent {
-            id: manifest.id.clone(),
-            message: format!(
-                "its state.json holds no usable daemon config ({e}); it was not written by `odcd run`"
-            ),
-        })?;
-    Ok((manifest, ckpt, cfg))
+/// The network an evaluation rebuilds, from the sections of the run's config that define it.
+#[derive(Debug, Clone)]
+pub struct EvalModel {
+    pub model: ModelConfig,
+    /// K, the head's outputs (`odc.num_clusters`).
+    pub num_clusters: usize,
+    /// `train.device` of the run.
+    pub device: String,
+    /// The run's pipeline: its eval form ([`PipelineConfig::for_eval`]) reads the sets.
+    pub pipeline: PipelineConfig,
 }
 
-/// The model of `cfg` with the checkpoint's weights (`Some`) or freshly initialised from
-/// `seed` (`None`: the random-network baseline).
-pub fn build_model(
-    cfg: &Config,
-    weights: Option<&[u8]>,
-    seed: u64,
-    device: &candle_core::Device,
-) -> Result<OdcModel, EvalError> {
-    let model =
-        OdcModel::new(&cfg.model, cfg.odc.num_clusters, device, seed).map_err(EvalError::model)?;
-    if let Some(w) = weights {
-        model.load_safetensors(w).map_err(EvalError::model)?;
+impl EvalModel {
+    /// The model with the checkpoint's weights (`Some`) or freshly initialised from `seed`
+    /// (`None`: the random-network baseline).
+    pub fn build(
+        &self,
+        weights: Option<&[u8]>,
+        seed: u64,
+        device: &candle_core::Device,
+    ) -> Result<OdcModel, EvalError> {
+        let model = OdcModel::new(&self.model, self.num_clusters, device, seed)
+            .map_err(EvalError::model)?;
+        if let Some(w) = weights {
+            model.load_safetensors(w).map_err(EvalError::model)?;
+        }
+        Ok(model)
     }
-    Ok(model)
-}
-
-/// The eval pipeline (eval transform, batch size) matching a training config.
-pub fn eval_pipeline(cfg: &Config, batch: usize) -> crate::decode::PipelineConfig {
-    let mut p = cfg.pipeline.clone();
-    p.transform = crate::embed::eval_transform(&p.transform);
-    p.batch_size = batch.max(1);
-    p.dead_letter = None;
-    p
 }
 
 #[allow(clippy::too_many_arguments)]
-fn score(
+pub fn score(
     method: &str,
     mut train: Vec<f32>,
     mut test: Vec<f32>,
@@ -199,8 +181,8 @@ fn score(
     t0: Instant,
 ) -> MethodResult {
     let (ytr, yte, classes) = labels;
-    knn::l2_normalise_rows(&mut train, d);
-    knn::l2_normalise_rows(&mut test, d);
+    crate::odc::normalise_rows(&mut train, d);
+    crate::odc::normalise_rows(&mut test, d);
     let knn = knn::weighted_knn(
         &train,
         ytr,
@@ -249,29 +231,19 @@ pub fn memory_eval(state: &crate::odc::StreamingState, train: &LabelledSet) -> M
     }
 }
 
-/// `odcd eval`: embeds the train and test shards with the frozen checkpoint (eval transform)
-/// and scores the features, plus the requested baselines.
-pub async fn run_eval(
+/// `odcd eval`: embeds the train and test shards with checkpoint `ckpt` of the run that
+/// `net` describes (frozen network, eval transform) and scores the features, plus the
+/// requested baselines.
+pub async fn evaluate(
     opts: EvalOptions,
+    manifest: &Manifest,
+    ckpt: Checkpoint,
+    net: EvalModel,
     cancel: CancellationToken,
 ) -> Result<EvalReport, EvalError> {
     let t0 = Instant::now();
-    if opts.ks.is_empty() || opts.ks.contains(&0) {
-        return Err(EvalError::Invalid {
-            field: "--k".into(),
-            message: "give one or more k > 0 (e.g. --k 20 --k 200)".into(),
-        });
-    }
-    if !(opts.temperature > 0.0 && opts.temperature.is_finite()) {
-        return Err(EvalError::Invalid {
-            field: "--temperature".into(),
-            message: format!("{} must be a positive number", opts.temperature),
-        });
-    }
-    let (manifest, ckpt, cfg) =
-        load_checkpoint(&opts.checkpoint_url, &opts.options, opts.step).await?;
     tracing::info!(step = ckpt.step, id = %manifest.id, "evaluating checkpoint");
-    let pipeline = eval_pipeline(&cfg, opts.batch);
+    let pipeline = net.pipeline.for_eval(opts.batch);
     let train = data::load_set(
         &opts.train_url,
         &opts.options,
@@ -300,7 +272,7 @@ pub async fn run_eval(
     let opts2 = opts.clone();
     let (methods, classes) = tokio::task::spawn_blocking(move || -> Result<_, EvalError> {
         let opts = opts2;
-        let device = crate::device::select_device(&cfg.train.device)
+        let device = crate::device::select_device(&net.device)
             .map_err(|e| EvalError::model(format!("train.device of the checkpoint: {e}")))?;
         let (ytr, yte, classes) = data::dense_labels(&train.labels, &test.labels);
         let labels = (&ytr[..], &yte[..], classes);
@@ -314,7 +286,7 @@ pub async fn run_eval(
             Ok::<_, EvalError>(score(name, ftr, fte, d, labels, &opts, t))
         };
         let t = Instant::now();
-        let model = build_model(&cfg, Some(&weights), 0, &device)?;
+        let model = net.build(Some(&weights), 0, &device)?;
         methods.push(score_model("odc", model, t)?);
         if opts.baseline_pixels {
             let t = Instant::now();
@@ -330,12 +302,12 @@ pub async fn run_eval(
         }
         if opts.baseline_random {
             let t = Instant::now();
-            let model = build_model(&cfg, None, opts.random_seed, &device)?;
+            let model = net.build(None, opts.random_seed, &device)?;
             methods.push(score_model("random_init", model, t)?);
             // The same random weights with BatchNorm running statistics measured on train
             // images: separates what training taught the weights from what BN alone does.
             let t = Instant::now();
-            let model = build_model(&cfg, None, opts.random_seed, &device)?;
+            let model = net.build(None, opts.random_seed, &device)?;
             data::calibrate_batchnorm(&model, &train, RANDOM_BN_BATCHES, opts.batch, &device)?;
             methods.push(score_model("random_init_bn_calibrated", model, t)?);
         }
@@ -345,7 +317,7 @@ pub async fn run_eval(
     .map_err(|e| EvalError::Thread(e.to_string()))??;
     Ok(EvalReport {
         checkpoint_url: opts.checkpoint_url.clone(),
-        checkpoint_id: manifest.id,
+        checkpoint_id: manifest.id.clone(),
         step: ckpt.step,
         feature: opts.feature,
         train_url: opts.train_url.clone(),

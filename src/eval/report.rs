@@ -14,6 +14,7 @@ use tokio_util::sync::CancellationToken;
 use super::cluster_metrics::{cluster_sizes, cluster_stats};
 use super::history::History;
 use super::EvalError;
+use crate::checkpoint::{Checkpoint, Manifest};
 use crate::source::{ObjectStoreSource, ObjectStoreSourceConfig, SourceMode, SourceState};
 
 /// What `odcd report` shows.
@@ -249,7 +250,7 @@ async fn read_shards(
     wanted: &HashSet<String>,
     cancel: &CancellationToken,
 ) -> Result<(HashMap<String, Image>, HashMap<String, i64>), EvalError> {
-    let url = crate::config::local_path_to_url(url, "--shards").map_err(|e| EvalError::Data {
+    let url = crate::store::local_path_to_url(url, "--shards").map_err(|e| EvalError::Data {
         url: url.to_string(),
         message: e.to_string(),
     })?;
@@ -293,13 +294,24 @@ async fn read_shards(
     Ok((images, labels))
 }
 
-/// Builds the page and writes `<out_dir>/index.html`.
-pub async fn run_report(
-    opts: ReportOptions,
+/// What the report needs to know of the run that wrote the checkpoint.
+#[derive(Debug, Clone)]
+pub struct RunInfo {
+    pub arch: crate::model::Arch,
+    pub num_clusters: usize,
+    /// The run's object-store source (URL, options): where the member images are by
+    /// default. None for a Kafka source.
+    pub source_shards: Option<(String, BTreeMap<String, String>)>,
+}
+
+/// Builds the page of checkpoint `ckpt` of `run` and writes `<out_dir>/index.html`.
+pub async fn write_report(
+    opts: &ReportOptions,
+    manifest: &Manifest,
+    ckpt: &Checkpoint,
+    run: &RunInfo,
     cancel: CancellationToken,
 ) -> Result<ReportSummary, EvalError> {
-    let (manifest, ckpt, cfg) =
-        super::load_checkpoint(&opts.checkpoint_url, &opts.options, opts.step).await?;
     let history = History::from_extra(&ckpt.extra);
     let mut html = String::new();
     let title = format!("odcd report: step {} ({})", ckpt.step, manifest.id);
@@ -323,8 +335,8 @@ table {{ border-collapse: collapse; }} td, th {{ padding: 2px 8px; border-bottom
         esc(&manifest.id),
         esc(&opts.checkpoint_url),
         manifest.created_unix_secs,
-        cfg.model.arch,
-        cfg.odc.num_clusters
+        run.arch,
+        run.num_clusters
     );
 
     // Curves over steps.
@@ -430,12 +442,10 @@ table {{ border-collapse: collapse; }} td, th {{ padding: 2px 8px; border-bottom
                 .values()
                 .flat_map(|v| v.iter().map(|s| s.to_string()))
                 .collect();
-            let (shards, shard_opts) = match (&opts.shards_url, &cfg.source) {
+            let (shards, shard_opts) = match (&opts.shards_url, &run.source_shards) {
                 (Some(u), _) => (u.clone(), opts.options.clone()),
-                (None, crate::source::SourceConfig::ObjectStore(s)) => {
-                    (s.url.clone(), s.options.clone())
-                }
-                (None, crate::source::SourceConfig::Kafka(_)) => {
+                (None, Some((url, options))) => (url.clone(), options.clone()),
+                (None, None) => {
                     return Err(EvalError::Invalid {
                         field: "--shards".into(),
                         message: "the run trained from Kafka, so its images are not in shards: pass --shards URL with shards holding the same sample keys".into(),

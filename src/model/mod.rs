@@ -18,6 +18,8 @@ use candle_core::backprop::GradStore;
 use candle_core::{Device, Module, Tensor, D};
 use serde::{Deserialize, Serialize};
 
+use crate::validate::FieldError;
+
 pub use maxpool::MaxPool2d;
 pub use params::ParamStore;
 pub use resnet::{Arch, ResNet};
@@ -49,6 +51,8 @@ pub enum ModelError {
     },
     #[error("invalid model configuration: {0}")]
     Config(String),
+    #[error(transparent)]
+    Field(#[from] FieldError),
 }
 
 fn default_arch() -> Arch {
@@ -112,23 +116,27 @@ impl Default for ModelConfig {
 }
 
 impl ModelConfig {
-    pub fn validate(&self) -> Result<(), ModelError> {
+    pub fn validate(&self) -> Result<(), FieldError> {
         if self.in_channels != 1 && self.in_channels != 3 {
-            return Err(ModelError::Config(format!(
-                "model.in_channels = {}: allowed values are 1 (grey) or 3 (RGB)",
-                self.in_channels
-            )));
+            return Err(FieldError::new(
+                "model.in_channels",
+                format!(
+                    "is {}: allowed values are 1 (grey) or 3 (RGB)",
+                    self.in_channels
+                ),
+            ));
         }
         if self.neck_hidden == 0 || self.feat_dim == 0 {
-            return Err(ModelError::Config(
-                "model.neck_hidden and model.feat_dim must be > 0".into(),
+            return Err(FieldError::new(
+                "model.neck_hidden",
+                "model.neck_hidden and model.feat_dim must be > 0",
             ));
         }
         if !(0.0..1.0).contains(&self.dropout) {
-            return Err(ModelError::Config(format!(
-                "model.dropout = {}: must be in [0, 1)",
-                self.dropout
-            )));
+            return Err(FieldError::new(
+                "model.dropout",
+                format!("is {}: must be in [0, 1)", self.dropout),
+            ));
         }
         Ok(())
     }

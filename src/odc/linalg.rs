@@ -21,6 +21,24 @@ pub(crate) fn normalise_into(x: &[f32], out: &mut [f32]) {
     }
 }
 
+/// Scales every row of `x` (rows of `d` values) in place to `x / (||x|| + NORM_EPS)`: the one
+/// normalisation of features the daemon uses (memory, published embeddings, k-NN). A zero row
+/// stays zero.
+pub fn normalise_rows(x: &mut [f32], d: usize) {
+    if d == 0 {
+        return;
+    }
+    x.par_chunks_mut(d).for_each(|row| {
+        let norm = row
+            .iter()
+            .map(|&v| (v as f64) * (v as f64))
+            .sum::<f64>()
+            .sqrt();
+        let denom = norm + NORM_EPS;
+        row.iter_mut().for_each(|v| *v = (*v as f64 / denom) as f32);
+    });
+}
+
 /// Rejects NaN/inf rows, which would otherwise silently poison centroids and argmaxes.
 pub(crate) fn check_finite(what: &'static str, data: &[f32], dim: usize) -> Result<()> {
     if dim == 0 {

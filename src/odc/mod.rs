@@ -23,6 +23,7 @@ pub mod stream;
 pub mod two_means;
 
 pub use kmeans::{kmeans, KMeansConfig, KMeansResult};
+pub use linalg::normalise_rows;
 pub use loss::{class_weights, weighted_cross_entropy, weighted_cross_entropy_tensor};
 pub use memory::{OdcMemory, SampleUpdate, SmallClusterOutcome, SmallClusterReport, SplitRecord};
 pub use stream::{

@@ -1,7 +1,6 @@
 //! Shard tooling: write deterministic WebDataset shards (from IDX files or an image folder) and
-//! inspect existing ones. Mounted as `odcd shards ...` through [`cli::ShardsCmd`].
+//! inspect existing ones. Mounted as `odcd shards ...` by `crate::cmd::shards`.
 
-pub mod cli;
 mod idx;
 mod inspect;
 mod write;

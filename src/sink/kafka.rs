@@ -1,4 +1,4 @@
-//! Embeddings and dead letters to Kafka topics.
+//! Embeddings to a Kafka topic.
 //!
 //! Embeddings topic: key = sample key (`odcd embed`: sample key + `@` + model version), value
 //! in a versioned encoding (README "Kafka"):
@@ -36,7 +36,7 @@ use serde::{Deserialize, Serialize};
 
 use super::{EmbeddingBatch, SinkError};
 use crate::source::kafka::client_config;
-use crate::source::{RejectedRecord, SourceError};
+use crate::source::SourceError;
 
 /// Magic bytes of the binary embedding value.
 pub const MAGIC: &[u8; 4] = b"ODCE";
@@ -58,49 +58,7 @@ pub enum Encoding {
     Json,
 }
 
-/// A Kafka topic to write to (dead letters): brokers, topic and client properties.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct KafkaTopicConfig {
-    /// Bootstrap brokers, `host:port[,host:port...]`.
-    pub brokers: String,
-    pub topic: String,
-    /// librdkafka properties passed through (TLS / SASL, `linger.ms`, ...). No secrets here.
-    #[serde(default)]
-    pub options: BTreeMap<String, String>,
-    /// librdkafka properties from environment variables: property = variable name.
-    #[serde(default)]
-    pub options_env: BTreeMap<String, String>,
-}
-
-impl KafkaTopicConfig {
-    pub fn validate(&self, field: &str) -> Result<(), SinkError> {
-        check_topic(field, &self.brokers, &self.topic)?;
-        producer_config(
-            &self.brokers,
-            &self.options,
-            &self.options_env,
-            &format!("{field}.options_env"),
-        )
-        .map(|_| ())
-    }
-
-    /// An idempotent producer for this topic.
-    pub fn producer(&self, field: &str) -> Result<FutureProducer, SinkError> {
-        let cc = producer_config(
-            &self.brokers,
-            &self.options,
-            &self.options_env,
-            &format!("{field}.options_env"),
-        )?;
-        cc.create().map_err(|e| SinkError::KafkaConfig {
-            field: format!("{field}.options"),
-            message: format!("librdkafka refused the producer config: {e}"),
-        })
-    }
-}
-
-fn check_topic(field: &str, brokers: &str, topic: &str) -> Result<(), SinkError> {
+pub(crate) fn check_topic(field: &str, brokers: &str, topic: &str) -> Result<(), SinkError> {
     if brokers.trim().is_empty() {
         return Err(SinkError::KafkaConfig {
             field: format!("{field}.brokers"),
@@ -116,7 +74,7 @@ fn check_topic(field: &str, brokers: &str, topic: &str) -> Result<(), SinkError>
     Ok(())
 }
 
-fn producer_config(
+pub(crate) fn producer_config(
     brokers: &str,
     options: &BTreeMap<String, String>,
     options_env: &BTreeMap<String, String>,
@@ -657,55 +615,6 @@ fn parts(m: &OwnedMessage) -> (Vec<u8>, Vec<u8>, OwnedHeaders) {
         m.payload().unwrap_or_default().to_vec(),
         h,
     )
-}
-
-/// Dead letters to a topic: key = record key, value = the original bytes, headers
-/// `odcd_reason`, `odcd_message`, `odcd_position` (JSON), `odcd_format`.
-pub struct KafkaDeadLetter {
-    producer: FutureProducer,
-    topic: String,
-}
-
-impl KafkaDeadLetter {
-    pub fn open(cfg: &KafkaTopicConfig) -> Result<Self, SinkError> {
-        cfg.validate("pipeline.dead_letter.kafka")?;
-        Ok(KafkaDeadLetter {
-            producer: cfg.producer("pipeline.dead_letter.kafka")?,
-            topic: cfg.topic.clone(),
-        })
-    }
-
-    /// Send one rejected record and wait for its delivery.
-    pub async fn write(&self, r: &RejectedRecord) -> Result<(), SinkError> {
-        let position = serde_json::to_string(&r.position).unwrap_or_default();
-        let headers = OwnedHeaders::new_with_capacity(4)
-            .insert(Header {
-                key: "odcd_reason",
-                value: Some(r.reason.as_str()),
-            })
-            .insert(Header {
-                key: "odcd_message",
-                value: Some(r.message.as_str()),
-            })
-            .insert(Header {
-                key: "odcd_position",
-                value: Some(position.as_str()),
-            })
-            .insert(Header {
-                key: "odcd_format",
-                value: Some(r.format.as_deref().unwrap_or("")),
-            });
-        let payload: &[u8] = r.payload.as_deref().unwrap_or_default();
-        let rec = FutureRecord::to(&self.topic)
-            .key(r.key.as_bytes())
-            .payload(payload)
-            .headers(headers);
-        self.producer
-            .send(rec, Duration::from_secs(30))
-            .await
-            .map(|_| ())
-            .map_err(|(e, _)| kerr(&self.topic, format!("dead letter not delivered: {e}")))
-    }
 }
 
 #[cfg(test)]

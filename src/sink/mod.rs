@@ -5,10 +5,12 @@
 //! [`kafka::KafkaSink`] writes one record per sample to a Kafka topic. [`EmbeddingSinks`]
 //! feeds whichever of the two `[embeddings]` configures.
 
+mod config;
 pub mod kafka;
 pub mod parquet;
 
-pub use self::kafka::{KafkaSink, KafkaSinkConfig, KafkaTopicConfig};
+pub use self::config::EmbeddingsConfig;
+pub use self::kafka::{KafkaSink, KafkaSinkConfig};
 pub use self::parquet::{
     EmbeddingBatch, ParquetCompression, ParquetSink, ParquetSinkConfig, SinkError, SinkMetrics,
 };
@@ -83,7 +85,7 @@ impl EmbeddingSinks {
     /// (`odcd embed`); `transactional`: exactly-once batches (`odcd embed` from Kafka with
     /// `exactly_once = true`).
     pub fn open(
-        e: &crate::config::EmbeddingsConfig,
+        e: &EmbeddingsConfig,
         registry: Option<&prometheus::Registry>,
         versioned_keys: bool,
         transactional: bool,

@@ -97,13 +97,24 @@ impl Default for ParquetSinkConfig {
     }
 }
 
+use crate::validate::FieldError;
+
+impl From<FieldError> for SinkError {
+    fn from(e: FieldError) -> Self {
+        SinkError::Config {
+            field: e.field,
+            message: e.message,
+        }
+    }
+}
+
 impl ParquetSinkConfig {
-    pub fn validate(&self) -> Result<(), SinkError> {
+    pub fn validate(&self) -> Result<(), FieldError> {
         let bad = |field: &str, message: &str| {
-            Err(SinkError::Config {
-                field: field.to_string(),
-                message: message.to_string(),
-            })
+            Err(FieldError::new(
+                format!("embeddings.parquet.{field}"),
+                message,
+            ))
         };
         if self.max_rows_per_file == 0 {
             return bad("max_rows_per_file", "must be at least 1");
@@ -220,12 +231,12 @@ impl ParquetSink {
     ) -> Result<Self, SinkError> {
         cfg.validate()?;
         let url =
-            crate::config::local_path_to_url(url, "sink.url").map_err(|e| SinkError::BadUrl {
+            crate::store::local_path_to_url(url, "sink.url").map_err(|e| SinkError::BadUrl {
                 url: url.to_string(),
                 message: e.to_string(),
             })?;
         let (store, prefix) =
-            crate::source::open_store(&url, options).map_err(|e| SinkError::BadUrl {
+            crate::store::open_store(&url, options).map_err(|e| SinkError::BadUrl {
                 url: url.clone(),
                 message: e.to_string(),
             })?;

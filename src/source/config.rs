@@ -116,3 +116,28 @@ pub fn open_store(
         })?;
     Ok((Arc::from(store), path))
 }
+
+impl super::SourceConfig {
+    /// Checks the values; errors name the field.
+    pub fn validate(&self) -> Result<(), crate::validate::FieldError> {
+        use crate::validate::FieldError;
+        match self {
+            super::SourceConfig::ObjectStore(s) => {
+                url::Url::parse(&s.url).map_err(|e| {
+                    FieldError::new(
+                        "source.url",
+                        format!(
+                            "`{}` is not a URL ({e}): use file:///abs/path, s3://bucket/prefix, gs://, az:// or memory:///",
+                            s.url
+                        ),
+                    )
+                })?;
+                Ok(())
+            }
+            super::SourceConfig::Kafka(k) => k.validate().map_err(|e| match e {
+                SourceError::KafkaConfig { field, message } => FieldError::new(field, message),
+                other => FieldError::new("source", other.to_string()),
+            }),
+        }
+    }
+}

@@ -4,7 +4,6 @@
 //! Bad input is an item too (`Err(RejectedRecord)`), so one broken shard never stops the stream.
 
 mod config;
-pub mod deadletter;
 pub mod kafka;
 mod kafka_partition;
 pub mod metrics;

@@ -1,4 +1,4 @@
-//! `odcd embed`: inference with a frozen checkpoint over a source, to the embeddings sink,
+//! `odcd embed --checkpoint URL --config FILE`: inference with a frozen checkpoint over a source, to the embeddings sink,
 //! tagged with the checkpoint's step. Uses the eval transform (resize + centre crop) derived
 //! from the config's train transform, eval-mode BatchNorm and no dropout.
 //!
@@ -9,18 +9,60 @@
 //! re-delivery. With `[embeddings.kafka] exactly_once = true` each batch is one Kafka
 //! transaction (embeddings + `send_offsets_to_transaction` + commit).
 
+use std::path::PathBuf;
 use std::time::Instant;
 
 use tokio_util::sync::CancellationToken;
 
 use crate::checkpoint::CheckpointStore;
 use crate::config::Config;
-use crate::decode::{BatchStream, EvalConfig, TransformConfig};
 use crate::model::OdcModel;
 use crate::odc::StreamingMemory;
-use crate::pipeline::RunError;
-use crate::sink::{EmbeddingBatch, EmbeddingSinks};
-use crate::source::{DataMetrics, SourceState};
+use crate::sink::{EmbeddingBatch, EmbeddingSinks, SinkError};
+use crate::source::{DataMetrics, SourceConfig, SourceMode, SourceState};
+use crate::topology::{self, TopologyError};
+use crate::train::TrainError;
+
+#[derive(Debug, clap::Args)]
+pub struct EmbedArgs {
+    /// Checkpoint store (URL or local path), as in [checkpoint] url.
+    #[arg(long)]
+    pub checkpoint: String,
+    /// Which checkpoint (default: the latest).
+    #[arg(long)]
+    pub step: Option<u64>,
+    #[arg(long)]
+    pub config: PathBuf,
+    /// Read the source once, whatever its configured mode.
+    #[arg(long)]
+    pub once: bool,
+}
+
+impl EmbedArgs {
+    pub fn execute(self, rt: &tokio::runtime::Runtime) -> anyhow::Result<()> {
+        let mut cfg = Config::load(&self.config)?;
+        if self.once {
+            match &mut cfg.source {
+                SourceConfig::ObjectStore(s) => s.mode = SourceMode::Once,
+                SourceConfig::Kafka(_) => anyhow::bail!(
+                    "--once reads an object-store prefix once; a Kafka source has no end: stop `odcd embed` with SIGTERM"
+                ),
+            }
+        }
+        crate::logging::init_logging(cfg.log.format);
+        rt.block_on(async move {
+            let s = embed(cfg, &self.checkpoint, self.step, super::shutdown_signal()).await?;
+            tracing::info!(
+                step = s.step,
+                rows = s.rows,
+                files = s.files,
+                seconds = format!("{:.1}", s.seconds),
+                "embedding finished"
+            );
+            Ok(())
+        })
+    }
+}
 
 #[derive(Debug, Clone, Default)]
 pub struct EmbedSummary {
@@ -30,28 +72,17 @@ pub struct EmbedSummary {
     pub seconds: f64,
 }
 
-/// The eval transform matching a config's train transform.
-pub fn eval_transform(t: &TransformConfig) -> TransformConfig {
-    match t {
-        TransformConfig::Train(a) => TransformConfig::Eval(EvalConfig {
-            resize: a.size,
-            size: a.size,
-            mean: a.mean.clone(),
-            std: a.std.clone(),
-        }),
-        TransformConfig::Eval(e) => TransformConfig::Eval(e.clone()),
-    }
-}
-
+/// Embeds the source of `cfg` with checkpoint `step` (or the latest) under
+/// `checkpoint_url` into the `[embeddings]` sinks. Must be called inside a tokio runtime.
 pub async fn embed(
     cfg: Config,
     checkpoint_url: &str,
     step: Option<u64>,
     cancel: CancellationToken,
-) -> Result<EmbedSummary, RunError> {
+) -> Result<EmbedSummary, TopologyError> {
     let t0 = Instant::now();
     let Some(ecfg) = cfg.embeddings.clone() else {
-        return Err(RunError::Resume {
+        return Err(TopologyError::Resume {
             step: step.unwrap_or(0),
             message:
                 "odcd embed writes to the [embeddings] sink: add an [embeddings] section with a url"
@@ -64,44 +95,49 @@ pub async fn embed(
         .map(|c| c.options.clone())
         .unwrap_or_default();
     let store = CheckpointStore::open(checkpoint_url, &options, 0)?;
-    let manifest = store.find(step).await?.ok_or_else(|| RunError::Resume {
-        step: step.unwrap_or(0),
-        message: format!("no checkpoint found under {checkpoint_url}"),
-    })?;
+    let manifest = store
+        .find(step)
+        .await?
+        .ok_or_else(|| TopologyError::Resume {
+            step: step.unwrap_or(0),
+            message: format!("no checkpoint found under {checkpoint_url}"),
+        })?;
     let ckpt = store.load(&manifest).await?;
     let device = crate::device::select_device(&cfg.train.device)?;
-    let model = OdcModel::new(&cfg.model, cfg.odc.num_clusters, &device, 0)
-        .map_err(crate::train::TrainError::from)?;
+    let model =
+        OdcModel::new(&cfg.model, cfg.odc.num_clusters, &device, 0).map_err(TrainError::from)?;
     model
         .load_safetensors(&ckpt.model_safetensors)
-        .map_err(|e| RunError::Resume {
+        .map_err(|e| TopologyError::Resume {
             step: ckpt.step,
             message: format!("model: {e}"),
         })?;
     let memory = match &ckpt.memory {
-        Some(s) => Some(StreamingMemory::import(s).map_err(|e| RunError::Resume {
-            step: ckpt.step,
-            message: format!("ODC memory: {e}"),
-        })?),
+        Some(s) => Some(
+            StreamingMemory::import(s).map_err(|e| TopologyError::Resume {
+                step: ckpt.step,
+                message: format!("ODC memory: {e}"),
+            })?,
+        ),
         None => None,
     };
     tracing::info!(step = ckpt.step, id = %manifest.id, "embedding with checkpoint");
 
     let mut pipeline = cfg.pipeline.clone();
-    pipeline.transform = eval_transform(&pipeline.transform);
+    pipeline.transform = pipeline.transform.for_eval();
     let registry = prometheus::Registry::new();
     let metrics = DataMetrics::register(&registry)?;
-    let mut stream = BatchStream::from_config(
-        cfg.source.clone(),
-        pipeline,
+    let path = topology::data_path(
+        &cfg.source,
+        &pipeline,
         metrics,
         SourceState::default(),
         cancel.child_token(),
     )?;
-    let kafka_src = stream.kafka();
+    let (mut stream, kafka_src) = (path.batches, path.kafka);
     let exactly_once = ecfg.kafka.as_ref().is_some_and(|k| k.exactly_once);
     if exactly_once && kafka_src.is_none() {
-        return Err(RunError::Sink(crate::sink::SinkError::KafkaConfig {
+        return Err(TopologyError::Sink(SinkError::KafkaConfig {
             field: "embeddings.kafka.exactly_once".into(),
             message: "needs a Kafka source ([source] kind = \"kafka\"): the input offsets are part of each transaction".into(),
         }));
@@ -125,28 +161,20 @@ pub async fn embed(
         // Tensor math off the async workers.
         let model_ref = &model;
         let memory_ref = memory.as_ref();
-        let (emb, clusters) = tokio::task::block_in_place(|| -> Result<_, RunError> {
+        let (emb, clusters) = tokio::task::block_in_place(|| -> Result<_, TopologyError> {
             let f = model_ref
-                .features_eval(
-                    &batch
-                        .images
-                        .to_device(&device)
-                        .map_err(crate::train::TrainError::from)?,
-                )
-                .map_err(crate::train::TrainError::from)?;
+                .features_eval(&batch.images.to_device(&device).map_err(TrainError::from)?)
+                .map_err(TrainError::from)?;
             let mut v = f
                 .flatten_all()
                 .and_then(|t| t.to_vec1::<f32>())
-                .map_err(crate::train::TrainError::from)?;
-            for row in v.chunks_mut(d) {
-                let n = row.iter().map(|x| x * x).sum::<f32>().sqrt() + 1e-10;
-                row.iter_mut().for_each(|x| *x /= n);
-            }
+                .map_err(TrainError::from)?;
+            crate::odc::normalise_rows(&mut v, d);
             let clusters: Vec<Option<u32>> = match memory_ref {
                 Some(m) => m
                     .memory()
                     .nearest_centroid(&v)
-                    .map_err(crate::train::TrainError::from)?
+                    .map_err(TrainError::from)?
                     .into_iter()
                     .map(Some)
                     .collect(),
@@ -172,7 +200,7 @@ pub async fn embed(
         let state = stream.state().clone();
         if exactly_once {
             let group = src.group_metadata().ok_or_else(|| {
-                RunError::Sink(crate::sink::SinkError::Kafka {
+                TopologyError::Sink(SinkError::Kafka {
                     topic: "(source)".into(),
                     message: "the consumer has no group metadata for the transaction".into(),
                 })
@@ -190,14 +218,14 @@ pub async fn embed(
                 if failed > 0 {
                     // Never commit past an output that was not delivered: stop, and a restart
                     // re-reads from the last committed offsets.
-                    return Err(RunError::Sink(crate::sink::SinkError::Kafka {
+                    return Err(TopologyError::Sink(SinkError::Kafka {
                         topic: k.topic().into(),
                         message: format!("{failed} embedding record(s) could not be delivered; stopping before committing their input offsets"),
                     }));
                 }
             }
             src.commit_sync(&state).map_err(|e| {
-                RunError::Sink(crate::sink::SinkError::Kafka {
+                TopologyError::Sink(SinkError::Kafka {
                     topic: "(source)".into(),
                     message: format!("cannot commit the input offsets: {e}"),
                 })
@@ -208,7 +236,7 @@ pub async fn embed(
     sink.close().await?;
     if let (Some(src), false) = (&kafka_src, has_kafka_sink) {
         src.commit_sync(stream.state()).map_err(|e| {
-            RunError::Sink(crate::sink::SinkError::Kafka {
+            TopologyError::Sink(SinkError::Kafka {
                 topic: "(source)".into(),
                 message: format!("cannot commit the input offsets: {e}"),
             })

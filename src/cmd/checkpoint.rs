@@ -3,7 +3,7 @@
 
 use std::collections::BTreeMap;
 
-use super::{CheckpointError, CheckpointStore, Manifest};
+use crate::checkpoint::{CheckpointError, CheckpointStore, Manifest, StateFile};
 
 #[derive(Debug, Clone, clap::Subcommand)]
 pub enum CheckpointCmd {
@@ -122,7 +122,7 @@ fn list_table(ms: &[Manifest]) -> String {
     s
 }
 
-fn inspect_text(url: &str, m: &Manifest, state: Option<&super::StateFile>) -> String {
+fn inspect_text(url: &str, m: &Manifest, state: Option<&StateFile>) -> String {
     let mut s = String::new();
     s.push_str(&format!("store:     {url}\n"));
     s.push_str(&format!("id:        {}\n", m.id));
@@ -188,13 +188,13 @@ mod tests {
             id: "step-000000000042-abc".into(),
             step: 42,
             created_unix_secs: 0,
-            parts: vec![super::super::PartInfo {
+            parts: vec![crate::checkpoint::PartInfo {
                 name: "model.safetensors".into(),
                 path: "step-000000000042-abc/model.safetensors".into(),
                 size: 2048,
                 crc32: 7,
             }],
-            memory: Some(super::super::MemorySummary {
+            memory: Some(crate::checkpoint::MemorySummary {
                 fill: 5,
                 capacity: 10,
                 k: 3,

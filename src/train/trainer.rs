@@ -8,13 +8,13 @@
 use std::time::Instant;
 
 use candle_core::{Device, Tensor, D};
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 
+use super::OdcConfig;
 use crate::model::{ModelConfig, ModelError, OdcModel};
-use crate::odc::{
-    self, EvictionPolicy, KMeansConfig, MinCluster, OdcError, StreamConfig, StreamingMemory,
-};
+use crate::odc::{self, KMeansConfig, OdcError, StreamingMemory};
 use crate::optim::{OptimError, Sgd, SgdConfig};
+use crate::validate::FieldError;
 
 #[derive(Debug, thiserror::Error)]
 pub enum TrainError {
@@ -32,167 +32,8 @@ pub enum TrainError {
         "loss is not finite ({0}) at step {1}: lower optimizer.lr or check the input normalisation"
     )]
     NonFinite(f32, u64),
-    #[error("{0}")]
-    Config(String),
-}
-
-fn default_k() -> usize {
-    100
-}
-fn default_capacity() -> usize {
-    100_000
-}
-fn default_mem_momentum() -> f64 {
-    0.5
-}
-fn default_centroid_interval() -> u64 {
-    10
-}
-fn default_min_cluster() -> MinClusterSpec {
-    MinClusterSpec::Count(20)
-}
-fn default_warmup() -> usize {
-    4_000
-}
-fn default_true() -> bool {
-    true
-}
-fn default_kmeans_iters() -> usize {
-    20
-}
-
-/// `min_cluster` as the user writes it: `{ count = 20 }` or `{ fraction = 0.002 }`.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase", deny_unknown_fields)]
-pub enum MinClusterSpec {
-    /// Absolute member count (the reference: 20).
-    Count(usize),
-    /// Fraction of the current memory fill (at least 1).
-    Fraction(f64),
-}
-
-/// Eviction as the user writes it: `"fifo"` or `{ reservoir = { seed = 0 } }`.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize, Default)]
-#[serde(rename_all = "lowercase", deny_unknown_fields)]
-pub enum EvictionSpec {
-    #[default]
-    Fifo,
-    Reservoir {
-        seed: u64,
-    },
-}
-
-/// `[odc]`: the ODC memory and its schedule.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct OdcConfig {
-    /// Number of clusters K (head outputs).
-    #[serde(default = "default_k")]
-    pub num_clusters: usize,
-    /// Samples memory capacity M.
-    #[serde(default = "default_capacity")]
-    pub memory_capacity: usize,
-    /// Weight of the NEW feature in the memory update (reference 0.5).
-    #[serde(default = "default_mem_momentum")]
-    pub momentum: f64,
-    /// Full centroid recompute every N steps (reference 10).
-    #[serde(default = "default_centroid_interval")]
-    pub centroid_interval: u64,
-    #[serde(default = "default_min_cluster")]
-    pub min_cluster: MinClusterSpec,
-    #[serde(default)]
-    pub eviction: EvictionSpec,
-    /// Distinct samples buffered for the initial k-means (at least K).
-    #[serde(default = "default_warmup")]
-    pub warmup_samples: usize,
-    /// Re-draw the head row of a re-seeded cluster id (false reproduces the reference).
-    #[serde(default = "default_true")]
-    pub reinit_reseeded_heads: bool,
-    /// Lloyd iterations of the initial k-means (reference 20).
-    #[serde(default = "default_kmeans_iters")]
-    pub kmeans_iterations: usize,
-    /// Batches of the warm-up buffer whose batch statistics become every BatchNorm's running
-    /// statistics before the warm-up features are extracted (0 = off, as the reference).
-    /// A fresh network's running statistics are 0/1, so without calibration the initial
-    /// clustering's eval-mode features differ from the train-mode features that then update
-    /// the memory, and most first labels change on the first visit.
-    #[serde(default)]
-    pub bn_calibration_batches: usize,
-}
-
-impl Default for OdcConfig {
-    fn default() -> Self {
-        OdcConfig {
-            num_clusters: default_k(),
-            memory_capacity: default_capacity(),
-            momentum: default_mem_momentum(),
-            centroid_interval: default_centroid_interval(),
-            min_cluster: default_min_cluster(),
-            eviction: EvictionSpec::default(),
-            warmup_samples: default_warmup(),
-            reinit_reseeded_heads: true,
-            kmeans_iterations: default_kmeans_iters(),
-            bn_calibration_batches: 0,
-        }
-    }
-}
-
-impl OdcConfig {
-    pub fn validate(&self) -> Result<(), TrainError> {
-        let bad = |m: String| Err(TrainError::Config(m));
-        if self.num_clusters < 2 {
-            return bad(format!(
-                "odc.num_clusters = {}: must be at least 2",
-                self.num_clusters
-            ));
-        }
-        if self.num_clusters > self.memory_capacity {
-            return bad(format!(
-                "odc.num_clusters = {} exceeds odc.memory_capacity = {}: K must be ≤ M (the reference uses M/K ≈ 128)",
-                self.num_clusters, self.memory_capacity
-            ));
-        }
-        if !(self.momentum > 0.0 && self.momentum <= 1.0) {
-            return bad(format!(
-                "odc.momentum = {}: must be in (0, 1]",
-                self.momentum
-            ));
-        }
-        if self.warmup_samples > self.memory_capacity {
-            return bad(format!(
-                "odc.warmup_samples = {} exceeds odc.memory_capacity = {}",
-                self.warmup_samples, self.memory_capacity
-            ));
-        }
-        if self.kmeans_iterations == 0 {
-            return bad("odc.kmeans_iterations must be > 0".into());
-        }
-        match self.min_cluster {
-            MinClusterSpec::Count(n) if n * self.num_clusters > self.memory_capacity => bad(format!(
-                "odc.min_cluster count {n} × num_clusters {} exceeds memory_capacity {}: every cluster would be small",
-                self.num_clusters, self.memory_capacity
-            )),
-            MinClusterSpec::Fraction(f) if !(f > 0.0 && f * (self.num_clusters as f64) < 1.0) => bad(format!(
-                "odc.min_cluster fraction {f}: must be > 0 and < 1/num_clusters (else every cluster is small)"
-            )),
-            _ => Ok(()),
-        }
-    }
-
-    pub fn stream_config(&self, dim: usize) -> StreamConfig {
-        let mut c = StreamConfig::new(self.memory_capacity, dim, self.num_clusters);
-        c.momentum = self.momentum;
-        c.centroid_interval = self.centroid_interval;
-        c.min_cluster = match self.min_cluster {
-            MinClusterSpec::Count(n) => MinCluster::Count(n),
-            MinClusterSpec::Fraction(f) => MinCluster::FractionOfFill(f),
-        };
-        c.eviction = match self.eviction {
-            EvictionSpec::Fifo => EvictionPolicy::Fifo,
-            EvictionSpec::Reservoir { seed } => EvictionPolicy::Reservoir { seed },
-        };
-        c
-    }
+    #[error(transparent)]
+    Field(#[from] FieldError),
 }
 
 /// Wall time of each part of a step, in seconds.
@@ -456,6 +297,7 @@ impl Trainer {
 mod tests {
     use super::*;
     use crate::model::Arch;
+    use crate::train::MinClusterSpec;
 
     fn setup(seed: u64) -> Result<Trainer, TrainError> {
         let model = ModelConfig {

@@ -1,28 +1,18 @@
-//! Dead-letter store: rejected records written next to their reason for later inspection, on
-//! an object store or to a Kafka topic.
+//! Dead letters on an object store: `<prefix>/<reason>/<sanitised key>-<crc32>.<ext>` (the
+//! payload, when there is one) and `<...>.json` (key, reason, position, message, format).
 
-use super::RejectedRecord;
-use bytes::Bytes;
-use object_store::{path::Path, ObjectStore, PutPayload};
 use std::sync::Arc;
 
-/// Writes `<prefix>/<reason>/<sanitised key>-<crc32>.<ext>` (the payload, when there is one) and
-/// `<...>.json` (key, reason, position, message); or, built with [`DeadLetter::kafka`], sends
-/// the payload to a topic with the reason in headers.
+use bytes::Bytes;
+use object_store::{path::Path, ObjectStore, PutPayload};
+
+use crate::source::RejectedRecord;
+
+/// Writes rejected records under one prefix of a store.
 #[derive(Clone)]
-pub struct DeadLetter {
+pub struct StoreDeadLetter {
     store: Arc<dyn ObjectStore>,
     prefix: Path,
-    kafka: Option<Arc<crate::sink::kafka::KafkaDeadLetter>>,
-}
-
-/// A dead letter that could not be written.
-#[derive(Debug, thiserror::Error)]
-pub enum DeadLetterError {
-    #[error(transparent)]
-    Store(#[from] object_store::Error),
-    #[error(transparent)]
-    Kafka(#[from] crate::sink::SinkError),
 }
 
 /// Keep `[A-Za-z0-9._-]`, map the rest to `_`, cap the length: object names stay portable.
@@ -45,22 +35,9 @@ pub fn sanitise_key(key: &str) -> String {
     }
 }
 
-impl DeadLetter {
+impl StoreDeadLetter {
     pub fn new(store: Arc<dyn ObjectStore>, prefix: Path) -> Self {
-        DeadLetter {
-            store,
-            prefix,
-            kafka: None,
-        }
-    }
-
-    /// Dead letters to a Kafka topic.
-    pub fn kafka(k: crate::sink::kafka::KafkaDeadLetter) -> Self {
-        DeadLetter {
-            store: Arc::new(object_store::memory::InMemory::new()),
-            prefix: Path::default(),
-            kafka: Some(Arc::new(k)),
-        }
+        StoreDeadLetter { store, prefix }
     }
 
     /// The object path stem (without extension) used for `r`.
@@ -74,11 +51,8 @@ impl DeadLetter {
         self.prefix.child(r.reason.as_str()).child(name)
     }
 
-    /// Write the record and its sidecar (or send it to the topic).
-    pub async fn write(&self, r: &RejectedRecord) -> Result<(), DeadLetterError> {
-        if let Some(k) = &self.kafka {
-            return Ok(k.write(r).await?);
-        }
+    /// Write the record's payload (when there is one) and its JSON sidecar.
+    pub async fn write(&self, r: &RejectedRecord) -> Result<(), object_store::Error> {
         let stem = self.stem(r);
         if let Some(p) = &r.payload {
             let ext = r

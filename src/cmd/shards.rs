@@ -1,6 +1,7 @@
 //! `odcd shards ...`: the shard tools as a clap subcommand.
 
-use crate::source::open_store;
+use crate::shards::{import_idx, inspect, pack_dir};
+use crate::store::open_store;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
@@ -60,8 +61,8 @@ impl ShardsCmd {
                 limit,
             } => {
                 let (store, out) = open_store(&out_url, &none)?;
-                let s = super::import_idx(&images, &labels, store, &out, &prefix, per_shard, limit)
-                    .await?;
+                let s =
+                    import_idx(&images, &labels, store, &out, &prefix, per_shard, limit).await?;
                 println!(
                     "wrote {} records in {} shards under {out_url}",
                     s.records,
@@ -75,7 +76,7 @@ impl ShardsCmd {
                 prefix,
             } => {
                 let (store, out) = open_store(&out_url, &none)?;
-                let s = super::pack_dir(&dir, store, &out, &prefix, per_shard).await?;
+                let s = pack_dir(&dir, store, &out, &prefix, per_shard).await?;
                 println!(
                     "wrote {} records in {} shards under {out_url}",
                     s.records,
@@ -84,7 +85,7 @@ impl ShardsCmd {
             }
             ShardsCmd::Inspect { url, json } => {
                 let (store, path) = open_store(&url, &none)?;
-                let s = super::inspect(store, path).await?;
+                let s = inspect(store, path).await?;
                 if json {
                     println!("{}", serde_json::to_string_pretty(&s)?);
                 } else {

@@ -1,0 +1,180 @@
+//! `odcd run --config FILE`: the daemon. Builds every stage from the config (metrics endpoint,
+//! trainer, resume from the latest checkpoint, data path, embeddings sinks, in-daemon
+//! evaluation), runs the training loop on its own thread until the source ends,
+//! `train.max_steps` is reached or SIGTERM / SIGINT, then flushes the sinks.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+
+use crate::checkpoint::CheckpointStore;
+use crate::config::Config;
+use crate::eval::DaemonEval;
+use crate::metrics::Health;
+use crate::source::{DataMetrics, RejectReason};
+use crate::topology::resume::{resume_latest, Resumed};
+use crate::topology::train_loop::{LoopSettings, LoopStages, RunSummary, TrainLoop};
+use crate::topology::{self, EmbeddingsTask, TopologyError};
+use crate::train::{TrainMetrics, Trainer};
+
+#[derive(Debug, clap::Args)]
+pub struct RunArgs {
+    #[arg(long)]
+    pub config: PathBuf,
+}
+
+impl RunArgs {
+    pub fn execute(self, rt: &tokio::runtime::Runtime) -> anyhow::Result<()> {
+        let cfg = Config::load(&self.config)?;
+        crate::logging::init_logging(cfg.log.format);
+        rt.block_on(async move {
+            let summary = run(cfg, super::shutdown_signal()).await?;
+            tracing::info!(
+                steps = summary.steps,
+                resumed_from = ?summary.resumed_from,
+                checkpoints = summary.checkpoints,
+                checkpoint_failures = summary.checkpoint_failures,
+                records = summary.records,
+                rejected = summary.rejected,
+                max_empty_clusters_after_a_step = summary.max_empty_clusters_after_step,
+                seconds = format!("{:.1}", summary.seconds),
+                first_loss = ?summary.first_loss,
+                last_loss = ?summary.last_loss,
+                "run finished"
+            );
+            Ok(())
+        })
+    }
+}
+
+/// Runs the daemon's main job until the source ends, `train.max_steps` is reached or `cancel`
+/// fires (then the step in flight finishes, a checkpoint is written and the sinks flushed).
+/// Must be called inside a tokio runtime.
+pub async fn run(cfg: Config, cancel: CancellationToken) -> Result<RunSummary, TopologyError> {
+    let device = crate::device::select_device(&cfg.train.device)?;
+    let registry = prometheus::Registry::new();
+    let data_metrics = DataMetrics::register(&registry)?;
+    let train_metrics = TrainMetrics::register(&registry)?;
+    let health = Health::new();
+    if cfg.metrics.enabled {
+        let addr = crate::metrics::serve(
+            &cfg.metrics.listen,
+            registry.clone(),
+            health.clone(),
+            cancel.clone(),
+        )
+        .await
+        .map_err(TopologyError::Listen)?;
+        tracing::info!("metrics on http://{addr}/metrics (also /healthz, /readyz)");
+    }
+
+    let mut trainer = Trainer::new(
+        &cfg.model,
+        &cfg.odc,
+        &cfg.optimizer,
+        &device,
+        cfg.train.seed,
+    )?;
+
+    // Resume: model, optimizer, memory, step and source positions from the latest valid
+    // checkpoint.
+    let store = match &cfg.checkpoint {
+        Some(c) => Some(CheckpointStore::open(&c.url, &c.options, c.keep)?),
+        None => None,
+    };
+    let mut resumed = Resumed::default();
+    if let (Some(store), Some(c)) = (&store, &cfg.checkpoint) {
+        if c.resume {
+            let timeout = Duration::from_secs(c.startup_timeout_secs);
+            match resume_latest(store, timeout, &mut trainer, &health, &cancel).await? {
+                Some(r) => resumed = r,
+                None => return Ok(RunSummary::default()), // cancelled while waiting
+            }
+        }
+    }
+
+    let embeddings = cfg
+        .embeddings
+        .as_ref()
+        .map(|e| EmbeddingsTask::spawn(e, &registry))
+        .transpose()?;
+    let path = topology::data_path(
+        &cfg.source,
+        &cfg.pipeline,
+        data_metrics.clone(),
+        resumed.source,
+        cancel.child_token(),
+    )?;
+    health.set_source_ok(true);
+    if let Some(k) = &path.kafka {
+        // `/readyz` follows the broker connection.
+        k.report_to(health.clone(), cancel.clone());
+    }
+
+    let handle = tokio::runtime::Handle::current();
+    let eval = match &cfg.eval {
+        Some(e) => Some(DaemonEval::spawn(
+            cfg.eval_model(),
+            e,
+            &registry,
+            handle.clone(),
+            cancel.clone(),
+        )?),
+        None => None,
+    };
+    let settings = LoopSettings {
+        odc: cfg.odc.clone(),
+        train: cfg.train.clone(),
+        feat_dim: cfg.model.feat_dim,
+        embed_every: cfg.embeddings.as_ref().map_or(1, |e| e.every_steps),
+        checkpoint: cfg.checkpoint.clone(),
+        config_json: serde_json::to_value(&cfg)
+            .map_err(|e| TopologyError::Thread(format!("cannot encode the config: {e}")))?,
+        metadata: serde_json::json!({
+            "arch": cfg.model.arch,
+            "in_channels": cfg.model.in_channels,
+            "feat_dim": cfg.model.feat_dim,
+            "num_clusters": cfg.odc.num_clusters,
+            "memory_capacity": cfg.odc.memory_capacity,
+        }),
+    };
+    let train_loop = TrainLoop {
+        settings,
+        stages: LoopStages {
+            metrics: train_metrics,
+            health,
+            store,
+            embeddings: embeddings.as_ref().map(|e| e.tx.clone()),
+            kafka: path.kafka,
+            eval,
+        },
+        trainer,
+        batches: path.batches,
+        rt: handle,
+        cancel,
+        resumed_from: resumed.step,
+        history: resumed.history,
+    };
+    let join = std::thread::Builder::new()
+        .name("odcd-trainer".into())
+        .spawn(move || train_loop.run())
+        .map_err(|e| TopologyError::Thread(e.to_string()))?;
+    // Wait for the trainer without blocking a runtime worker.
+    let res = tokio::task::spawn_blocking(move || join.join())
+        .await
+        .map_err(|e| TopologyError::Thread(e.to_string()))?
+        .map_err(|_| TopologyError::Thread("the trainer thread panicked".into()))?;
+    let res = res.map(|mut s| {
+        s.rejected = RejectReason::ALL
+            .iter()
+            .map(|&r| data_metrics.rejected_count(r))
+            .sum();
+        s
+    });
+    // The trainer dropped its sender: the sink flushes what it holds and ends.
+    if let Some(e) = embeddings {
+        e.finish().await;
+    }
+    res
+}
