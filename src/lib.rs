@@ -9,6 +9,7 @@ pub mod decode;
 pub mod device;
 pub mod embed;
 pub mod eval;
+pub mod kafka;
 pub mod metrics;
 pub mod model;
 pub mod odc;

@@ -35,8 +35,8 @@ use rdkafka::Message;
 use serde::{Deserialize, Serialize};
 
 use super::{EmbeddingBatch, SinkError};
-use crate::source::kafka::client_config;
-use crate::source::{RejectedRecord, SourceError};
+use crate::kafka::{client_config, ClientConfigError};
+use crate::source::RejectedRecord;
 
 /// Magic bytes of the binary embedding value.
 pub const MAGIC: &[u8; 4] = b"ODCE";
@@ -125,17 +125,21 @@ fn producer_config(
     let mut cc = rdkafka::ClientConfig::new();
     // Defaults first, so `options` may override them.
     cc.set("enable.idempotence", "true");
-    let user = client_config(brokers, options, options_env, env_field).map_err(|e| match e {
-        SourceError::KafkaConfig { field, message } => SinkError::KafkaConfig { field, message },
-        other => SinkError::KafkaConfig {
-            field: env_field.into(),
-            message: other.to_string(),
-        },
-    })?;
+    let user = client_config(brokers, options, options_env, env_field)?;
     for (k, v) in user.config_map() {
         cc.set(k, v);
     }
     Ok(cc)
+}
+
+/// Kafka client fields (brokers, `options_env`) checked by [`crate::kafka`].
+impl From<ClientConfigError> for SinkError {
+    fn from(e: ClientConfigError) -> Self {
+        SinkError::KafkaConfig {
+            field: e.field,
+            message: e.message,
+        }
+    }
 }
 
 /// `[embeddings.kafka]`.
