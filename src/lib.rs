@@ -13,11 +13,10 @@
 //! - [`topology`]: builds the stages from their sections and joins them with bounded
 //!   channels (data path, embeddings task, resume) and runs the training loop's phases.
 //! - [`eval`]: k-NN, linear probe, cluster metrics, in-daemon evaluation, training history,
-//!   the report page.
+//!   the report page. [`shards`]: IDX import, folder packing, inspection, the shard writer.
+//! - [`decode`]: decode + augment on a rayon pool into batches.
 //! - [`checkpoint`]: the checkpoint format and store. [`sink`]: Parquet and Kafka embeddings.
-//! - [`decode`]: decode + augment on a rayon pool into batches. [`deadletter`]: rejected
-//!   records to a store prefix or a topic.
-//! - [`shards`]: IDX import, folder packing, inspection, the shard writer.
+//!   [`deadletter`]: rejected records to a store prefix or a topic.
 //! - [`source`]: object-store and Kafka sources, the WebDataset reader, resumable positions.
 //! - [`train`]: the trainer (one ODC step), its config and metrics.
 //! - [`model`] (ResNet, neck, head; `model::ops` the CPU kernels), [`odc`] (the memory,
@@ -33,6 +32,7 @@ pub mod deadletter;
 pub mod decode;
 pub mod device;
 pub mod eval;
+pub mod kafka;
 pub mod logging;
 pub mod metrics;
 pub mod model;

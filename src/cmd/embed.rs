@@ -137,10 +137,10 @@ pub async fn embed(
     let (mut stream, kafka_src) = (path.batches, path.kafka);
     let exactly_once = ecfg.kafka.as_ref().is_some_and(|k| k.exactly_once);
     if exactly_once && kafka_src.is_none() {
-        return Err(TopologyError::Sink(SinkError::KafkaConfig {
-            field: "embeddings.kafka.exactly_once".into(),
-            message: "needs a Kafka source ([source] kind = \"kafka\"): the input offsets are part of each transaction".into(),
-        }));
+        return Err(TopologyError::Sink(SinkError::Config(crate::validate::FieldError::new(
+            "embeddings.kafka.exactly_once",
+            "needs a Kafka source ([source] kind = \"kafka\"): the input offsets are part of each transaction",
+        ))));
     }
     let mut sink = EmbeddingSinks::open(&ecfg, Some(&registry), true, exactly_once)?;
     if exactly_once {

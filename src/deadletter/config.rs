@@ -5,8 +5,7 @@ use std::collections::BTreeMap;
 use rdkafka::producer::FutureProducer;
 use serde::{Deserialize, Serialize};
 
-use crate::sink::kafka::{check_topic, producer_config};
-use crate::sink::SinkError;
+use crate::kafka::{check_topic, producer_config};
 use crate::validate::FieldError;
 
 /// The config path of the Kafka destination, named in its errors.
@@ -32,10 +31,7 @@ impl DeadLetterConfig {
     pub fn validate(&self) -> Result<(), FieldError> {
         match (&self.url, &self.kafka) {
             (Some(_), None) => Ok(()),
-            (None, Some(k)) => k.validate(FIELD_KAFKA).map_err(|e| match e {
-                SinkError::KafkaConfig { field, message } => FieldError::new(field, message),
-                other => FieldError::new(FIELD_KAFKA, other.to_string()),
-            }),
+            (None, Some(k)) => k.validate(FIELD_KAFKA),
             _ => Err(FieldError::new(
                 "pipeline.dead_letter",
                 "set exactly one of `url` (object store) and `kafka` (a topic)",
@@ -60,7 +56,7 @@ pub struct KafkaTopicConfig {
 }
 
 impl KafkaTopicConfig {
-    pub fn validate(&self, field: &str) -> Result<(), SinkError> {
+    pub fn validate(&self, field: &str) -> Result<(), FieldError> {
         check_topic(field, &self.brokers, &self.topic)?;
         producer_config(
             &self.brokers,
@@ -72,16 +68,18 @@ impl KafkaTopicConfig {
     }
 
     /// An idempotent producer for this topic.
-    pub fn producer(&self, field: &str) -> Result<FutureProducer, SinkError> {
+    pub fn producer(&self, field: &str) -> Result<FutureProducer, FieldError> {
         let cc = producer_config(
             &self.brokers,
             &self.options,
             &self.options_env,
             &format!("{field}.options_env"),
         )?;
-        cc.create().map_err(|e| SinkError::KafkaConfig {
-            field: format!("{field}.options"),
-            message: format!("librdkafka refused the producer config: {e}"),
+        cc.create().map_err(|e| {
+            FieldError::new(
+                format!("{field}.options"),
+                format!("librdkafka refused the producer config: {e}"),
+            )
         })
     }
 }

@@ -7,7 +7,7 @@ use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 
 use super::config::{KafkaTopicConfig, FIELD_KAFKA};
-use crate::sink::SinkError;
+use super::DeadLetterError;
 use crate::source::RejectedRecord;
 
 /// Dead letters to a topic: key = record key, value = the original bytes, headers
@@ -18,7 +18,7 @@ pub struct KafkaDeadLetter {
 }
 
 impl KafkaDeadLetter {
-    pub fn open(cfg: &KafkaTopicConfig) -> Result<Self, SinkError> {
+    pub fn open(cfg: &KafkaTopicConfig) -> Result<Self, DeadLetterError> {
         cfg.validate(FIELD_KAFKA)?;
         Ok(KafkaDeadLetter {
             producer: cfg.producer(FIELD_KAFKA)?,
@@ -27,7 +27,7 @@ impl KafkaDeadLetter {
     }
 
     /// Send one rejected record and wait for its delivery.
-    pub async fn write(&self, r: &RejectedRecord) -> Result<(), SinkError> {
+    pub async fn write(&self, r: &RejectedRecord) -> Result<(), DeadLetterError> {
         let position = serde_json::to_string(&r.position).unwrap_or_default();
         let headers = OwnedHeaders::new_with_capacity(4)
             .insert(Header {
@@ -55,7 +55,7 @@ impl KafkaDeadLetter {
             .send(rec, Duration::from_secs(30))
             .await
             .map(|_| ())
-            .map_err(|(e, _)| SinkError::Kafka {
+            .map_err(|(e, _)| DeadLetterError::Kafka {
                 topic: self.topic.clone(),
                 message: format!("dead letter not delivered: {e}"),
             })

@@ -16,7 +16,6 @@ use tokio::sync::mpsc;
 pub use self::config::{DeadLetterConfig, KafkaTopicConfig};
 use self::kafka::KafkaDeadLetter;
 use self::store::StoreDeadLetter;
-use crate::sink::SinkError;
 use crate::source::{DataMetrics, RejectedRecord};
 
 /// A dead letter that could not be written.
@@ -24,8 +23,10 @@ use crate::source::{DataMetrics, RejectedRecord};
 pub enum DeadLetterError {
     #[error(transparent)]
     Store(#[from] object_store::Error),
+    #[error("dead-letter topic `{topic}`: {message}")]
+    Kafka { topic: String, message: String },
     #[error(transparent)]
-    Kafka(#[from] SinkError),
+    Field(#[from] crate::validate::FieldError),
     #[error("pipeline.dead_letter: {0}")]
     Config(String),
 }

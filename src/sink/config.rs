@@ -54,10 +54,7 @@ impl EmbeddingsConfig {
             ));
         }
         if let Some(k) = &self.kafka {
-            k.validate("embeddings.kafka").map_err(|e| match e {
-                super::SinkError::KafkaConfig { field, message } => FieldError::new(field, message),
-                other => FieldError::new("embeddings.kafka", other.to_string()),
-            })?;
+            k.validate("embeddings.kafka")?;
         }
         if self.every_steps == 0 || self.queue == 0 {
             return Err(FieldError::new(

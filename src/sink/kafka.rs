@@ -35,8 +35,8 @@ use rdkafka::Message;
 use serde::{Deserialize, Serialize};
 
 use super::{EmbeddingBatch, SinkError};
-use crate::source::kafka::client_config;
-use crate::source::SourceError;
+use crate::kafka::{check_topic, producer_config};
+use crate::validate::FieldError;
 
 /// Magic bytes of the binary embedding value.
 pub const MAGIC: &[u8; 4] = b"ODCE";
@@ -56,44 +56,6 @@ pub enum Encoding {
     Binary,
     /// JSON, for humans and quick scripts.
     Json,
-}
-
-pub(crate) fn check_topic(field: &str, brokers: &str, topic: &str) -> Result<(), SinkError> {
-    if brokers.trim().is_empty() {
-        return Err(SinkError::KafkaConfig {
-            field: format!("{field}.brokers"),
-            message: "is empty: give host:port[,host:port]".into(),
-        });
-    }
-    if topic.trim().is_empty() {
-        return Err(SinkError::KafkaConfig {
-            field: format!("{field}.topic"),
-            message: "is empty: name the topic".into(),
-        });
-    }
-    Ok(())
-}
-
-pub(crate) fn producer_config(
-    brokers: &str,
-    options: &BTreeMap<String, String>,
-    options_env: &BTreeMap<String, String>,
-    env_field: &str,
-) -> Result<rdkafka::ClientConfig, SinkError> {
-    let mut cc = rdkafka::ClientConfig::new();
-    // Defaults first, so `options` may override them.
-    cc.set("enable.idempotence", "true");
-    let user = client_config(brokers, options, options_env, env_field).map_err(|e| match e {
-        SourceError::KafkaConfig { field, message } => SinkError::KafkaConfig { field, message },
-        other => SinkError::KafkaConfig {
-            field: env_field.into(),
-            message: other.to_string(),
-        },
-    })?;
-    for (k, v) in user.config_map() {
-        cc.set(k, v);
-    }
-    Ok(cc)
 }
 
 /// `[embeddings.kafka]`.
@@ -150,19 +112,19 @@ impl KafkaSinkConfig {
         }
     }
 
-    pub fn validate(&self, field: &str) -> Result<(), SinkError> {
+    pub fn validate(&self, field: &str) -> Result<(), FieldError> {
         check_topic(field, &self.brokers, &self.topic)?;
         if self.max_in_flight == 0 {
-            return Err(SinkError::KafkaConfig {
-                field: format!("{field}.max_in_flight"),
-                message: "must be > 0".into(),
-            });
+            return Err(FieldError::new(
+                format!("{field}.max_in_flight"),
+                "must be > 0",
+            ));
         }
         if self.options.contains_key("transactional.id") {
-            return Err(SinkError::KafkaConfig {
-                field: format!("{field}.options"),
-                message: "set `transactional_id` (with exactly_once = true) instead of options.\"transactional.id\"".into(),
-            });
+            return Err(FieldError::new(
+                format!("{field}.options"),
+                "set `transactional_id` (with exactly_once = true) instead of options.\"transactional.id\"",
+            ));
         }
         producer_config(
             &self.brokers,
@@ -331,9 +293,11 @@ impl KafkaSink {
             });
             cc.set("transactional.id", id);
         }
-        let producer: FutureProducer = cc.create().map_err(|e| SinkError::KafkaConfig {
-            field: "embeddings.kafka.options".into(),
-            message: format!("librdkafka refused the producer config: {e}"),
+        let producer: FutureProducer = cc.create().map_err(|e| {
+            SinkError::Config(FieldError::new(
+                "embeddings.kafka.options",
+                format!("librdkafka refused the producer config: {e}"),
+            ))
         })?;
         Ok(KafkaSink {
             producer,

@@ -92,10 +92,10 @@ impl EmbeddingSinks {
     ) -> Result<Self, SinkError> {
         if let Some(k) = &e.kafka {
             if k.exactly_once && !transactional {
-                return Err(SinkError::KafkaConfig {
-                    field: "embeddings.kafka.exactly_once".into(),
-                    message: "applies to `odcd embed` from a Kafka source only; `odcd run` publishes embeddings at-least-once: remove it from this config".into(),
-                });
+                return Err(SinkError::Config(crate::validate::FieldError::new(
+                    "embeddings.kafka.exactly_once",
+                    "applies to `odcd embed` from a Kafka source only; `odcd run` publishes embeddings at-least-once: remove it from this config",
+                )));
             }
         }
         let parquet = match &e.url {

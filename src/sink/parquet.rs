@@ -99,15 +99,6 @@ impl Default for ParquetSinkConfig {
 
 use crate::validate::FieldError;
 
-impl From<FieldError> for SinkError {
-    fn from(e: FieldError) -> Self {
-        SinkError::Config {
-            field: e.field,
-            message: e.message,
-        }
-    }
-}
-
 impl ParquetSinkConfig {
     pub fn validate(&self) -> Result<(), FieldError> {
         let bad = |field: &str, message: &str| {
@@ -164,10 +155,8 @@ impl EmbeddingBatch {
 pub enum SinkError {
     #[error("parquet sink URL `{url}` is not usable: {message} (use file:///abs/path, s3://bucket/prefix, gs://..., az://... or a local path)")]
     BadUrl { url: String, message: String },
-    #[error("parquet sink config `{field}`: {message}")]
-    Config { field: String, message: String },
-    #[error("config field `{field}`: {message}")]
-    KafkaConfig { field: String, message: String },
+    #[error(transparent)]
+    Config(#[from] FieldError),
     #[error("kafka sink, topic `{topic}`: {message}")]
     Kafka { topic: String, message: String },
     #[error("parquet sink: bad embedding batch: {0}")]

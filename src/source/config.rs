@@ -135,7 +135,7 @@ impl super::SourceConfig {
                 Ok(())
             }
             super::SourceConfig::Kafka(k) => k.validate().map_err(|e| match e {
-                SourceError::KafkaConfig { field, message } => FieldError::new(field, message),
+                SourceError::Config(f) => f,
                 other => FieldError::new("source", other.to_string()),
             }),
         }

@@ -3,9 +3,13 @@
 //! A source yields [`SourceItem`]s in a stable order, each with a resumable [`Position`].
 //! Bad input is an item too (`Err(RejectedRecord)`), so one broken shard never stops the stream.
 
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+
+use crate::record::{Position, Record};
+
 mod config;
 pub mod kafka;
-mod kafka_partition;
 pub mod metrics;
 mod object_store;
 mod state;
@@ -14,7 +18,7 @@ pub mod webdataset;
 pub use self::config::{default_store_options, open_store, ObjectStoreSourceConfig, SourceMode};
 pub use self::kafka::{KafkaHandle, KafkaSource, KafkaSourceConfig};
 pub use self::metrics::DataMetrics;
-pub use self::object_store::{ObjectStoreSource, SourceError};
+pub use self::object_store::ObjectStoreSource;
 pub use self::state::SourceState;
 
 /// `[source]`: object-store shards (the default, `kind` absent or `"object_store"`) or Kafka
@@ -76,12 +80,23 @@ impl Serialize for SourceConfig {
     }
 }
 
-use crate::record::{Position, Record};
-use bytes::Bytes;
-use serde::{Deserialize, Serialize};
-
 /// What a source hands downstream: a record, or the reason a record (or shard) was dropped.
 pub type SourceItem = Result<Record, RejectedRecord>;
+
+/// Errors building or listing a source (reading errors become `read_error` items instead).
+#[derive(Debug, thiserror::Error)]
+pub enum SourceError {
+    #[error("source url {url:?} is not usable: {message} (expected file:///dir, s3://bucket/prefix, gs://..., az://..., memory:///)")]
+    BadUrl { url: String, message: String },
+    #[error(transparent)]
+    Config(#[from] crate::validate::FieldError),
+    #[error("listing shards under {prefix:?} failed: {source} (check credentials, endpoint and that the prefix exists)")]
+    List {
+        prefix: String,
+        #[source]
+        source: ::object_store::Error,
+    },
+}
 
 /// Why a record was dropped. The label value of `odcd_records_rejected_total{reason}`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]

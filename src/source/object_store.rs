@@ -2,7 +2,7 @@
 
 use super::config::{open_store, ObjectStoreSourceConfig, SourceMode};
 use super::webdataset::{read_shard, ReadOptions, ShardEnd, TransportFault};
-use super::{DataMetrics, RejectReason, RejectedRecord, SourceItem, SourceState};
+use super::{DataMetrics, RejectReason, RejectedRecord, SourceError, SourceItem, SourceState};
 use crate::record::Position;
 use futures::{StreamExt, TryStreamExt};
 use object_store::{path::Path, ObjectStore};
@@ -13,21 +13,6 @@ use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio_util::io::{StreamReader, SyncIoBridge};
 use tokio_util::sync::CancellationToken;
-
-/// Errors building or listing a source (reading errors become `read_error` items instead).
-#[derive(Debug, thiserror::Error)]
-pub enum SourceError {
-    #[error("source url {url:?} is not usable: {message} (expected file:///dir, s3://bucket/prefix, gs://..., az://..., memory:///)")]
-    BadUrl { url: String, message: String },
-    #[error("config field `{field}`: {message}")]
-    KafkaConfig { field: String, message: String },
-    #[error("listing shards under {prefix:?} failed: {source} (check credentials, endpoint and that the prefix exists)")]
-    List {
-        prefix: String,
-        #[source]
-        source: object_store::Error,
-    },
-}
 
 /// True for the object names the source reads.
 pub fn is_shard_name(name: &str) -> bool {

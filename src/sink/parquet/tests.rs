@@ -243,7 +243,7 @@ async fn bad_batches_and_configs_are_errors() {
     ] {
         assert!(matches!(
             ParquetSink::open("memory://", &BTreeMap::new(), bad),
-            Err(SinkError::Config { .. })
+            Err(SinkError::Config(_))
         ));
     }
     let err = serde_json::from_str::<ParquetSinkConfig>(r#"{"max_rows": 5}"#).unwrap_err();

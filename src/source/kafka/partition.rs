@@ -40,6 +40,10 @@ pub(super) struct PartitionQueue {
 unsafe impl Send for PartitionQueue {}
 
 /// Called by librdkafka when an element is put into the empty queue.
+///
+/// # Safety
+/// `opaque` is the `Notify` that [`PartitionQueue::split`] registered with the callback, and
+/// is alive while the callback is enabled.
 unsafe extern "C" fn queue_nonempty(_rk: *mut rdsys::rd_kafka_t, opaque: *mut c_void) {
     // SAFETY: `opaque` is the queue's `ready`, which outlives the callback (disabled in Drop
     // before `ready` is freed; librdkafka calls it under the queue lock, so not after that).
@@ -183,6 +187,8 @@ unsafe fn bytes<'a>(p: *const c_void, len: usize) -> Option<&'a [u8]> {
     if p.is_null() {
         None
     } else {
+        // SAFETY: `p` is not null, and the caller guarantees `len` readable bytes there that
+        // live for `'a`.
         Some(unsafe { std::slice::from_raw_parts(p as *const u8, len) })
     }
 }
@@ -205,6 +211,8 @@ impl Message for RawMessage {
         if p.is_null() {
             None
         } else {
+            // SAFETY: `p` is not null and points to the message's `len` payload bytes, which
+            // live as long as the message; `&mut self` makes this the only borrow of them.
             Some(unsafe { std::slice::from_raw_parts_mut(p as *mut u8, len) })
         }
     }
