@@ -8,14 +8,18 @@ use rayon::prelude::*;
 /// (block × K f32) whatever the number of rows.
 pub(crate) const SCORE_BLOCK: usize = 512;
 
-/// `out = x / (||x|| + 1e-10)`, computed in f64 and rounded to f32 once (the reference's rule).
-pub(crate) fn normalise_into(x: &[f32], out: &mut [f32]) {
-    let norm = x
-        .iter()
+/// `||x|| + NORM_EPS`, in f64: the divisor of the reference's normalisation.
+fn norm_denominator(x: &[f32]) -> f64 {
+    x.iter()
         .map(|&v| (v as f64) * (v as f64))
         .sum::<f64>()
-        .sqrt();
-    let denom = norm + NORM_EPS;
+        .sqrt()
+        + NORM_EPS
+}
+
+/// `out = x / (||x|| + 1e-10)`, computed in f64 and rounded to f32 once (the reference's rule).
+pub(crate) fn normalise_into(x: &[f32], out: &mut [f32]) {
+    let denom = norm_denominator(x);
     for (o, &v) in out.iter_mut().zip(x) {
         *o = (v as f64 / denom) as f32;
     }
@@ -29,12 +33,7 @@ pub fn normalise_rows(x: &mut [f32], d: usize) {
         return;
     }
     x.par_chunks_mut(d).for_each(|row| {
-        let norm = row
-            .iter()
-            .map(|&v| (v as f64) * (v as f64))
-            .sum::<f64>()
-            .sqrt();
-        let denom = norm + NORM_EPS;
+        let denom = norm_denominator(row);
         row.iter_mut().for_each(|v| *v = (*v as f64 / denom) as f32);
     });
 }

@@ -698,14 +698,12 @@ mod tests {
 
     #[test]
     fn unseen_key_gets_nearest_centroid_and_is_stored_with_it() {
-        let mut rng = ChaCha8Rng::seed_from_u64(2);
         let mut cfg = StreamConfig::new(20, 3, 2);
         cfg.min_cluster = MinCluster::Count(0);
         let mut m = StreamingMemory::new(cfg).unwrap();
         let f = vec![1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 1.0, 0.1, 0.0, 0.1, 1.0, 0.0];
         m.init_from_clustering(&keys(0..4), &f, &[0, 1, 0, 1])
             .unwrap();
-        let _ = &mut rng;
         let new = vec!["x".to_string(), "y".into(), "x".into()];
         let nf = vec![0.0, 2.0, 0.1, 3.0, 0.0, 0.0, 0.0, 1.0, 0.0];
         let p = m.prepare(&new, &nf).unwrap();

@@ -81,16 +81,16 @@ impl KafkaSinkMetrics {
 }
 
 impl EmbeddingSinks {
-    /// Open the sinks of `e`. `versioned_keys`: Kafka keys are `<sample key>@<model version>`
+    /// Open the sinks of `cfg`. `versioned_keys`: Kafka keys are `<sample key>@<model version>`
     /// (`odcd embed`); `transactional`: exactly-once batches (`odcd embed` from Kafka with
     /// `exactly_once = true`).
     pub fn open(
-        e: &EmbeddingsConfig,
+        cfg: &EmbeddingsConfig,
         registry: Option<&prometheus::Registry>,
         versioned_keys: bool,
         transactional: bool,
     ) -> Result<Self, SinkError> {
-        if let Some(k) = &e.kafka {
+        if let Some(k) = &cfg.kafka {
             if k.exactly_once && !transactional {
                 return Err(SinkError::Config(crate::validate::FieldError::new(
                     "embeddings.kafka.exactly_once",
@@ -98,12 +98,12 @@ impl EmbeddingSinks {
                 )));
             }
         }
-        let parquet = match &e.url {
-            Some(url) => Some(ParquetSink::open(url, &e.options, e.parquet.clone())?),
+        let parquet = match &cfg.url {
+            Some(url) => Some(ParquetSink::open(url, &cfg.options, cfg.parquet.clone())?),
             None => None,
         };
         let parquet_metrics = parquet.as_ref().map(|p| p.metrics()).unwrap_or_default();
-        let kafka = match &e.kafka {
+        let kafka = match &cfg.kafka {
             Some(k) => Some(KafkaSink::open(k, versioned_keys, transactional)?),
             None => None,
         };

@@ -86,37 +86,6 @@ impl ObjectStoreSourceConfig {
     }
 }
 
-/// object_store options from the environment: `AWS_*`, `GOOGLE_*`, `AZURE_*` variables,
-/// lower-cased as object_store's builders expect (what `from_env` would read).
-pub fn default_store_options() -> BTreeMap<String, String> {
-    std::env::vars()
-        .filter(|(k, _)| {
-            k.starts_with("AWS_") || k.starts_with("GOOGLE_") || k.starts_with("AZURE_")
-        })
-        .map(|(k, v)| (k.to_ascii_lowercase(), v))
-        .collect()
-}
-
-/// Open the store named by `url` (the scheme picks the backend) with environment options
-/// overridden by `options`; returns the store and the path of the URL inside it.
-pub fn open_store(
-    url: &str,
-    options: &BTreeMap<String, String>,
-) -> Result<(Arc<dyn object_store::ObjectStore>, object_store::path::Path), SourceError> {
-    let parsed = url::Url::parse(url).map_err(|e| SourceError::BadUrl {
-        url: url.to_string(),
-        message: e.to_string(),
-    })?;
-    let mut opts = default_store_options();
-    opts.extend(options.iter().map(|(k, v)| (k.clone(), v.clone())));
-    let (store, path) =
-        object_store::parse_url_opts(&parsed, opts).map_err(|e| SourceError::BadUrl {
-            url: url.to_string(),
-            message: e.to_string(),
-        })?;
-    Ok((Arc::from(store), path))
-}
-
 impl super::SourceConfig {
     /// Checks the values; errors name the field.
     pub fn validate(&self) -> Result<(), crate::validate::FieldError> {

@@ -15,7 +15,7 @@ mod object_store;
 mod state;
 pub mod webdataset;
 
-pub use self::config::{default_store_options, open_store, ObjectStoreSourceConfig, SourceMode};
+pub use self::config::{ObjectStoreSourceConfig, SourceMode};
 pub use self::kafka::{KafkaHandle, KafkaSource, KafkaSourceConfig};
 pub use self::metrics::DataMetrics;
 pub use self::object_store::ObjectStoreSource;

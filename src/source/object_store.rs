@@ -1,6 +1,6 @@
 //! Object-store source: lists shards under a prefix and streams them through the tar reader.
 
-use super::config::{open_store, ObjectStoreSourceConfig, SourceMode};
+use super::config::{ObjectStoreSourceConfig, SourceMode};
 use super::webdataset::{read_shard, ReadOptions, ShardEnd, TransportFault};
 use super::{DataMetrics, RejectReason, RejectedRecord, SourceError, SourceItem, SourceState};
 use crate::record::Position;
@@ -31,7 +31,11 @@ pub struct ObjectStoreSource {
 impl ObjectStoreSource {
     /// Open the store named by `cfg.url` (environment credentials + `cfg.options`).
     pub fn from_config(cfg: ObjectStoreSourceConfig) -> Result<Self, SourceError> {
-        let (store, prefix) = open_store(&cfg.url, &cfg.options)?;
+        let (store, prefix) =
+            crate::store::open_store(&cfg.url, &cfg.options).map_err(|e| SourceError::BadUrl {
+                url: cfg.url.clone(),
+                message: e.to_string(),
+            })?;
         Ok(Self::with_store(store, prefix, cfg))
     }
 
