@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Representation quality on Fashion-MNIST, one command (README "Representation quality"):
+# Representation quality on Fashion-MNIST, one command (docs/evaluation.md):
 # builds odcd (release), makes WebDataset shards of the 60,000 train and 10,000 test images,
 # trains with configs/fmnist-eval.toml for TRAIN_SECONDS of wall time on the train images
 # (labels are never read by training), then runs `odcd eval` on the test images with the

@@ -1,7 +1,7 @@
 //! Embeddings to a Kafka topic.
 //!
 //! Embeddings topic: key = sample key (`odcd embed`: sample key + `@` + model version), value
-//! in a versioned encoding (README "Kafka"):
+//! in a versioned encoding (docs/embeddings.md):
 //!
 //! | offset | size  | type      | field                                              |
 //! |--------|-------|-----------|----------------------------------------------------|
