@@ -19,7 +19,7 @@ use std::mem::MaybeUninit;
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::params::WeightGrads;
+use crate::model::params::WeightGrads;
 
 /// Convolution geometry, shared by the forward and both backward ops.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -967,7 +967,7 @@ mod tests {
     use rand::{Rng, SeedableRng};
 
     fn max_rel_err(a: &Tensor, b: &Tensor) -> candle_core::Result<f32> {
-        crate::model::cpu::max_scaled_err(a, b, 1e-3)
+        crate::model::ops::cpu::max_scaled_err(a, b, 1e-3)
     }
 
     /// Direct-loop reference: output, and the gradients of sum(out · g) w.r.t. x and w.
