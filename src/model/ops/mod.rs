@@ -2,8 +2,10 @@
 //! from its models): candle custom ops with hand-written backwards for the f32 CPU training
 //! step. On other devices each op falls back to candle's own.
 //!
-//! - `conv.rs`: 2-D convolution as custom ops (im2col + GEMM forward, two GEMMs + col2im
-//!   backward), [`conv2d`] and `conv2d_param`.
+//! - `conv.rs`: the conv2d custom ops (im2col + GEMM forward, two GEMMs + col2im backward),
+//!   [`conv2d`] and `conv2d_param`.
+//! - `gemm.rs`: GEMM operand plumbing (strided views, product shapes) and the `gemm` calls.
+//! - `im2col.rs`: the conv geometry, im2col / col2im and the column-matrix re-layouts.
 //! - `batchnorm.rs`: training-mode batch norm (+ ReLU) as one op, [`batch_norm_train_cpu`].
 //! - `maxpool.rs`: padded, overlapping max-pool with a backward, [`MaxPool2d`].
 //! - `cpu.rs`: helpers the kernels share (buffers written without a zero-fill, contiguous
@@ -12,6 +14,8 @@
 pub mod batchnorm;
 pub mod conv;
 pub(super) mod cpu;
+mod gemm;
+mod im2col;
 pub mod maxpool;
 
 pub use batchnorm::{batch_norm_train_cpu, BatchStats};
