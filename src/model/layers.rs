@@ -5,7 +5,7 @@ use candle_core::{DType, Module, Tensor, D};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
-use super::batchnorm::batch_norm_train_cpu;
+use super::ops::{batch_norm_train_cpu, conv2d_param};
 use super::params::{BnMomentumOverride, Buffer, ParamStore, WeightGrads};
 use super::ModelError;
 
@@ -38,7 +38,7 @@ impl Conv2d {
     }
 
     pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        super::conv::conv2d_param(
+        conv2d_param(
             x,
             &self.weight,
             self.stride,
@@ -138,7 +138,7 @@ impl BatchNorm {
     }
 
     /// BatchNorm followed by ReLU when `relu`. Training on f32 CPU tensors with affine
-    /// parameters uses the fused kernel of `batchnorm.rs`; everything else candle ops.
+    /// parameters uses the fused kernel of `ops/batchnorm.rs`; everything else candle ops.
     pub fn forward_act(&self, x: &Tensor, train: bool, relu: bool) -> candle_core::Result<Tensor> {
         if let (true, Some((w, b))) = (
             train && x.device().is_cpu() && x.dtype() == DType::F32,

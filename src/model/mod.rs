@@ -3,13 +3,12 @@
 //! neck (OpenSelfSup `NonLinearNeckV0`): global average pool → Linear → BatchNorm1d
 //! (affine off, momentum 0.001) → ReLU → Dropout(0.5) → Linear → ReLU, giving the
 //! non-negative D-dim feature that goes into the ODC memory. head: Linear(D → K).
+//!
+//! This folder holds the model (layers, the ResNet, parameters, the residual join); the CPU
+//! kernels it runs on (conv, batch norm, max-pool) live apart in [`ops`].
 
-pub mod batchnorm;
-pub mod conv;
-mod cpu;
-pub use cpu::keep_candle_pool_off_rayon_cores;
 pub mod layers;
-pub mod maxpool;
+pub mod ops;
 pub mod params;
 pub mod residual;
 pub mod resnet;
@@ -20,7 +19,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::validate::FieldError;
 
-pub use maxpool::MaxPool2d;
+pub use ops::cpu::keep_candle_pool_off_rayon_cores;
+pub use ops::MaxPool2d;
 pub use params::ParamStore;
 pub use resnet::{Arch, ResNet};
 
@@ -174,7 +174,7 @@ impl OdcModel {
     ) -> Result<Self, ModelError> {
         cfg.validate()?;
         if device.is_cpu() {
-            cpu::keep_freed_memory();
+            ops::cpu::keep_freed_memory();
         }
         if num_clusters == 0 {
             return Err(ModelError::Config("odc.num_clusters must be > 0".into()));

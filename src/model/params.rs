@@ -67,51 +67,7 @@ impl BnMomentumOverride {
     }
 }
 
-/// Conv weight gradients handed over outside candle's graph. candle's backward accumulates
-/// every gradient it receives as `zeros_like + add`, which for ResNet-18's 11 M conv weights
-/// is four extra passes over 45 MB per step; the CPU conv kernels instead leave each weight
-/// gradient here, and [`crate::model::OdcModel::backward`] puts them into the `GradStore`.
-/// Shared by the model's conv layers.
-#[derive(Clone, Debug, Default)]
-pub struct WeightGrads(std::sync::Arc<std::sync::Mutex<Vec<(Tensor, Tensor)>>>);
-
-impl WeightGrads {
-    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<(Tensor, Tensor)>> {
-        // the Vec stays consistent even if a holder panicked: take it as it is
-        self.0.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    /// Records `grad` for the parameter tensor `param`.
-    pub(crate) fn push(&self, param: Tensor, grad: Tensor) {
-        self.lock().push((param, grad));
-    }
-
-    #[cfg(test)]
-    pub(crate) fn len(&self) -> usize {
-        self.lock().len()
-    }
-
-    /// Forgets gradients of a backward pass whose results were never collected.
-    pub(crate) fn clear(&self) {
-        self.lock().clear();
-    }
-
-    /// Moves the recorded gradients into `grads`, summing with any gradient already there
-    /// for the same parameter.
-    pub(crate) fn drain_into(
-        &self,
-        grads: &mut candle_core::backprop::GradStore,
-    ) -> candle_core::Result<()> {
-        for (param, grad) in self.lock().drain(..) {
-            let sum = match grads.remove(&param) {
-                Some(g) => (g + grad)?,
-                None => grad,
-            };
-            grads.insert(&param, sum);
-        }
-        Ok(())
-    }
-}
+pub use super::ops::WeightGrads;
 
 impl ParamStore {
     pub fn new(device: &Device, seed: u64) -> Self {

@@ -8,7 +8,7 @@ use rayon::prelude::*;
 const CHUNK: usize = 16 * 1024;
 
 fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> candle_core::Result<&'a [f32]> {
-    super::cpu::contiguous_f32(s, l, "residual add", what)
+    super::ops::cpu::contiguous_f32(s, l, "residual add", what)
 }
 
 struct AddRelu;

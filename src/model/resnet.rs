@@ -5,7 +5,7 @@ use candle_core::Tensor;
 use serde::{Deserialize, Serialize};
 
 use super::layers::{BatchNorm, Conv2d};
-use super::maxpool::MaxPool2d;
+use super::ops::MaxPool2d;
 use super::params::ParamStore;
 use super::residual::add_relu;
 use super::ModelError;

@@ -379,7 +379,7 @@ mod tests {
     }
 
     fn max_err(a: &Tensor, b: &Tensor) -> candle_core::Result<f32> {
-        crate::model::cpu::max_scaled_err(a, b, 1.0)
+        crate::model::ops::cpu::max_scaled_err(a, b, 1.0)
     }
 
     #[test]
