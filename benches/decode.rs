@@ -2,7 +2,7 @@
 //! same transforms as benches/decode_pillow.py.
 //!
 //! cargo bench --bench decode -- [FMNIST_TAR] [JPEG_TAR] [SECONDS]
-//! (JPEG_TAR from scripts/make_bench_data.py; see scripts/bench_decode.sh)
+//! (JPEG_TAR from scripts/make_bench_data.py; see scripts/bench-decode.sh)
 
 use odcd::decode::{
     decode_into, AugmentConfig, BatchDecoder, DecodeConfig, PipelineConfig, TransformConfig,

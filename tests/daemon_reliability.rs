@@ -2,18 +2,12 @@
 
 mod common;
 
+use common::data::{fixture_members, rt, Shard};
 use common::*;
 use std::path::Path;
 use std::time::Duration;
 
 use odcd::checkpoint::CheckpointStore;
-
-fn rt() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .expect("tokio runtime")
-}
 
 fn manifests(dir: &Path) -> Vec<odcd::checkpoint::Manifest> {
     let store = CheckpointStore::open(&dir.display().to_string(), &Default::default(), 0)
@@ -182,28 +176,10 @@ fn five_percent_corrupt_records_are_counted_exactly_and_training_goes_on() {
     let shards = dir.path().join("shards");
     std::fs::create_dir_all(&shards).expect("mkdir");
     // 95 good records from the fixture + 5 random-byte "jpg"s, interleaved.
-    let mut good = Vec::new();
-    let f = std::fs::File::open(fixtures_dir().join("fmnist-test-000000.tar")).expect("fixture");
-    let mut ar = tar::Archive::new(f);
-    for e in ar.entries().expect("entries") {
-        let mut e = e.expect("entry");
-        let name = e.path().expect("path").display().to_string();
-        let mut data = Vec::new();
-        std::io::Read::read_to_end(&mut e, &mut data).expect("read");
-        good.push((name, data));
-    }
-    let mut out =
-        tar::Builder::new(std::fs::File::create(shards.join("mixed-000.tar")).expect("create"));
-    let mut add = |name: &str, data: &[u8]| {
-        let mut h = tar::Header::new_gnu();
-        h.set_size(data.len() as u64);
-        h.set_mode(0o644);
-        h.set_cksum();
-        out.append_data(&mut h, name, data).expect("append");
-    };
+    let mut out = Shard::new();
     let mut images = 0;
     let mut bad = 0;
-    for (name, data) in &good {
+    for (name, data) in &fixture_members() {
         if name.ends_with(".png") {
             if images == 95 {
                 break;
@@ -211,15 +187,16 @@ fn five_percent_corrupt_records_are_counted_exactly_and_training_goes_on() {
             images += 1;
             if images % 19 == 0 {
                 bad += 1;
-                add(
-                    &format!("corrupt-{bad}.jpg"),
+                out.undecodable(
+                    &format!("corrupt-{bad}"),
+                    "jpg",
                     b"\xff\xd8 this is not a jpeg at all",
                 );
             }
         }
-        add(name, data);
+        out.member(name, data);
     }
-    out.finish().expect("finish tar");
+    out.write(&shards.join("mixed-000.tar"));
     assert_eq!(bad, 5);
 
     let port = free_port();

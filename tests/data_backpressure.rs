@@ -1,9 +1,11 @@
 //! A slow consumer must slow the source down, not grow memory: records in flight (read by the
 //! source, not yet handed to the consumer) stay within the sum of the channel bounds.
 
+mod common;
+
+use common::data::{png_grey, Shard};
 use object_store::{memory::InMemory, path::Path, ObjectStore, PutPayload};
 use odcd::decode::{BatchStream, EvalConfig, PipelineConfig, TransformConfig};
-use odcd::shards::ShardWriter;
 use odcd::source::{DataMetrics, ObjectStoreSource, ObjectStoreSourceConfig, SourceState};
 use std::sync::Arc;
 use std::time::Duration;
@@ -11,26 +13,17 @@ use tokio_util::sync::CancellationToken;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slow_consumer_bounds_records_in_flight() {
-    let mut png = Vec::new();
-    image::ImageEncoder::write_image(
-        image::codecs::png::PngEncoder::new(&mut png),
-        &[128u8; 8 * 8],
-        8,
-        8,
-        image::ExtendedColorType::L8,
-    )
-    .unwrap();
+    let png = png_grey(128, 8, 8);
     let store = Arc::new(InMemory::new());
     let (shards, per) = (5, 200);
     for s in 0..shards {
-        let mut w = ShardWriter::new();
+        let mut shard = Shard::new();
         for i in 0..per {
-            w.append_sample(&format!("k{s}-{i:04}"), "png", &png, None)
-                .unwrap();
+            shard.sample(&format!("k{s}-{i:04}"), "png", &png, None);
         }
         let p = Path::from(format!("bp/{s:02}.tar"));
         store
-            .put(&p, PutPayload::from(w.finish().unwrap()))
+            .put(&p, PutPayload::from(shard.bytes()))
             .await
             .unwrap();
     }

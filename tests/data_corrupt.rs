@@ -1,63 +1,16 @@
 //! Corrupt inputs: each is counted under its reason while the good records around it arrive.
 
+mod common;
+
+use common::data::{noise, png_grey, Shard};
 use object_store::{local::LocalFileSystem, path::Path};
 use odcd::deadletter::DeadLetter;
 use odcd::decode::{AugmentConfig, BatchStream, PipelineConfig, TransformConfig};
-use odcd::shards::ShardWriter;
 use odcd::source::{
     DataMetrics, ObjectStoreSource, ObjectStoreSourceConfig, RejectReason, SourceState,
 };
 use std::sync::Arc;
 use tokio_util::sync::CancellationToken;
-
-fn png(v: u8) -> Vec<u8> {
-    let mut out = Vec::new();
-    image::ImageEncoder::write_image(
-        image::codecs::png::PngEncoder::new(&mut out),
-        &[v; 20 * 20],
-        20,
-        20,
-        image::ExtendedColorType::L8,
-    )
-    .unwrap();
-    out
-}
-
-/// A valid PNG header (with correct CRC) claiming 100000×100000 pixels: a decompression bomb.
-fn png_bomb() -> Vec<u8> {
-    let mut v = b"\x89PNG\r\n\x1a\n".to_vec();
-    let mut chunk = |ty: &[u8], data: &[u8]| {
-        v.extend((data.len() as u32).to_be_bytes());
-        let mut h = crc32fast::Hasher::new();
-        h.update(ty);
-        h.update(data);
-        v.extend(ty);
-        v.extend(data);
-        v.extend(h.finalize().to_be_bytes());
-    };
-    let mut ihdr = Vec::new();
-    ihdr.extend(100_000u32.to_be_bytes());
-    ihdr.extend(100_000u32.to_be_bytes());
-    ihdr.extend([8, 0, 0, 0, 0]);
-    chunk(b"IHDR", &ihdr);
-    chunk(b"IDAT", &[0x78, 0x9c, 0x03, 0x00, 0x00, 0x00, 0x00, 0x01]);
-    chunk(b"IEND", &[]);
-    v
-}
-
-fn tar_raw(members: &[(&[u8], Vec<u8>)]) -> Vec<u8> {
-    let mut b = tar::Builder::new(Vec::new());
-    for (name, data) in members {
-        let mut h = tar::Header::new_gnu();
-        h.set_size(data.len() as u64);
-        h.set_mode(0o644);
-        h.set_entry_type(tar::EntryType::Regular);
-        h.as_gnu_mut().unwrap().name[..name.len()].copy_from_slice(name);
-        h.set_cksum();
-        b.append(&h, &data[..]).unwrap();
-    }
-    b.into_inner().unwrap()
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn corrupt_inputs_are_counted_and_skipped() {
@@ -66,57 +19,54 @@ async fn corrupt_inputs_are_counted_and_skipped() {
     std::fs::create_dir(&data).unwrap();
     let w = |name: &str, bytes: &[u8]| std::fs::write(data.join(name), bytes).unwrap();
 
+    let png = |v: u8| png_grey(v, 20, 20);
+
     // 00: three good records.
-    let mut sw = ShardWriter::new();
+    let mut good = Shard::new();
     for i in 0..3 {
-        sw.append_sample(
+        good.sample(
             &format!("good0-{i}"),
             "png",
             &png(i * 10),
             Some(i64::from(i)),
-        )
-        .unwrap();
+        );
     }
-    w("00-good.tar", &sw.finish().unwrap());
+    w("00-good.tar", &good.bytes());
     // 01: truncated inside the third record: two good, one truncated_shard.
-    let mut sw = ShardWriter::new();
+    let mut trunc = Shard::new();
     for i in 0..3 {
-        sw.append_sample(&format!("trunc-{i}"), "png", &png(i), None)
-            .unwrap();
+        trunc.sample(&format!("trunc-{i}"), "png", &png(i), None);
     }
-    let full = sw.finish().unwrap();
-    let first_two: usize = (0..2).map(|i| 512 + png(i).len().div_ceil(512) * 512).sum();
     // Cut 10 bytes into the third member's data.
-    w("01-truncated.tar", &full[..first_two + 512 + 10]);
+    w("01-truncated.tar", &trunc.truncated(2, 10));
     // 02: empty object.
     w("02-empty.tar", b"");
     // 03: labels only.
     w(
         "03-labels-only.tar",
-        &tar_raw(&[(b"l1.cls", b"1".to_vec()), (b"l2.cls", b"2".to_vec())]),
+        &Shard::new()
+            .label_only("l1", "1")
+            .label_only("l2", "2")
+            .bytes(),
     );
     // 04: bad members between good ones (gzip-compressed, named .tgz).
-    let mixed = tar_raw(&[
-        (b"ok-a.png", png(1)),
-        (
-            b"random.jpg",
-            (0..997u32).map(|i| (i * 7919 % 251) as u8).collect(),
-        ),
-        (b"bomb.png", png_bomb()),
-        (b"zero.png", Vec::new()),
-        (b"bad\xffname.png", png(2)),
-        (b"badlabel.png", png(3)),
-        (b"badlabel.cls", b"seven".to_vec()),
-        (b"ok-b.png", png(4)),
-    ]);
-    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
-    std::io::Write::write_all(&mut gz, &mixed).unwrap();
-    w("04-mixed.tgz", &gz.finish().unwrap());
+    let mixed = Shard::new()
+        .sample("ok-a", "png", &png(1), None)
+        .undecodable("random", "jpg", &noise(997, 0))
+        .bomb("bomb")
+        .undecodable("zero", "png", &[])
+        .raw_name(b"bad\xffname.png", &png(2))
+        .bad_label("badlabel", "png", &png(3), "seven")
+        .sample("ok-b", "png", &png(4), None)
+        .gzip();
+    w("04-mixed.tgz", &mixed);
     // 05: good again, after all the damage.
-    let mut sw = ShardWriter::new();
-    sw.append_sample("good5-0", "png", &png(9), Some(5))
-        .unwrap();
-    w("05-good.tar", &sw.finish().unwrap());
+    w(
+        "05-good.tar",
+        &Shard::new()
+            .sample("good5-0", "png", &png(9), Some(5))
+            .bytes(),
+    );
 
     let registry = prometheus::Registry::new();
     let metrics = DataMetrics::register(&registry).unwrap();

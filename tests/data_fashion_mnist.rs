@@ -1,21 +1,12 @@
 //! All 70k Fashion-MNIST images: import to shards, read back, check counts, keys and labels.
 //! Needs `apt-get install -y dataset-fashion-mnist`; run with --release (decoding 70k PNGs).
 
+mod common;
+
+use common::data::{fmnist, members};
 use object_store::{local::LocalFileSystem, path::Path};
 use odcd::shards::{import_idx, inspect, read_idx};
 use std::sync::Arc;
-
-const FMNIST: &str = "/usr/share/datasets/fashion-mnist";
-
-fn fmnist(file: &str) -> std::path::PathBuf {
-    let p = std::path::Path::new(FMNIST).join(file);
-    assert!(
-        p.exists(),
-        "{} is missing: install the data set with `apt-get install -y dataset-fashion-mnist`",
-        p.display()
-    );
-    p
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn import_all_70k_and_read_back() {
@@ -58,14 +49,10 @@ async fn import_all_70k_and_read_back() {
         // The labels are the IDX labels, key by key (checked on the last shard).
         let idx = read_idx(&labels).unwrap();
         let last = std::fs::read(tmp.path().join(s.shards.last().unwrap())).unwrap();
-        let mut ar = tar::Archive::new(&last[..]);
-        for e in ar.entries().unwrap() {
-            let mut e = e.unwrap();
-            let name = e.path().unwrap().display().to_string();
+        for (name, v) in members(&last) {
             if let Some(stem) = name.strip_suffix(".cls") {
                 let i: usize = stem.rsplit('-').next().unwrap().parse().unwrap();
-                let mut v = String::new();
-                std::io::Read::read_to_string(&mut e, &mut v).unwrap();
+                let v = String::from_utf8(v).unwrap();
                 assert_eq!(v, idx.data[i].to_string(), "{name}");
             }
         }

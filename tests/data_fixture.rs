@@ -1,6 +1,10 @@
 //! The committed Fashion-MNIST fixture: reproducible with `import-idx`, and read end to end
 //! (source → decode → batches), including an exact resume.
 
+mod common;
+
+use common::data::{fmnist, FIXTURE_SHARD};
+use common::fixtures_dir;
 use object_store::{local::LocalFileSystem, path::Path};
 use odcd::decode::{BatchStream, EvalConfig, PipelineConfig, TransformConfig};
 use odcd::shards::{import_idx, read_idx};
@@ -9,23 +13,6 @@ use odcd::source::{
 };
 use std::sync::Arc;
 use tokio_util::sync::CancellationToken;
-
-const FMNIST: &str = "/usr/share/datasets/fashion-mnist";
-const FIXTURE: &str = "fmnist-test-000000.tar";
-
-fn fixtures_dir() -> std::path::PathBuf {
-    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
-}
-
-fn fmnist(file: &str) -> std::path::PathBuf {
-    let p = std::path::Path::new(FMNIST).join(file);
-    assert!(
-        p.exists(),
-        "{} is missing: install the data set with `apt-get install -y dataset-fashion-mnist`",
-        p.display()
-    );
-    p
-}
 
 #[tokio::test]
 async fn fixture_is_reproducible_with_import_idx() {
@@ -43,9 +30,9 @@ async fn fixture_is_reproducible_with_import_idx() {
     .await
     .unwrap();
     assert_eq!(s.records, 200);
-    assert_eq!(s.shards, vec![FIXTURE.to_string()]);
-    let fresh = std::fs::read(tmp.path().join(FIXTURE)).unwrap();
-    let committed = fixtures_dir().join(FIXTURE);
+    assert_eq!(s.shards, vec![FIXTURE_SHARD.to_string()]);
+    let fresh = std::fs::read(tmp.path().join(FIXTURE_SHARD)).unwrap();
+    let committed = fixtures_dir().join(FIXTURE_SHARD);
     if std::env::var_os("ODCD_WRITE_FIXTURES").is_some() {
         std::fs::write(&committed, &fresh).unwrap();
     }

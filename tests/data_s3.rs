@@ -1,16 +1,19 @@
 //! Object-store source against a real S3-compatible server (moto_server, started by the test):
 //! listing, streaming reads, a retry across a server restart, and `follow` mode.
 
+mod common;
+
+use common::data::{noise, Shard};
+use common::free_port;
 use object_store::aws::AmazonS3Builder;
 use object_store::path::Path;
 use object_store::{BackoffConfig, ObjectStore, PutPayload, RetryConfig};
-use odcd::shards::ShardWriter;
 use odcd::source::{
     DataMetrics, ObjectStoreSource, ObjectStoreSourceConfig, RejectReason, SourceItem, SourceMode,
     SourceState,
 };
 use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpStream;
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -26,11 +29,6 @@ struct Moto {
 }
 
 impl Moto {
-    fn free_port() -> u16 {
-        let l = TcpListener::bind("127.0.0.1:0").unwrap();
-        l.local_addr().unwrap().port()
-    }
-
     fn start(port: u16) -> Moto {
         let child = Command::new("moto_server")
             .args(["-H", "127.0.0.1", "-p", &port.to_string()])
@@ -102,16 +100,17 @@ impl Drop for Moto {
 }
 
 fn shard(prefix: &str, n: usize, payload: usize) -> Vec<u8> {
-    let mut w = ShardWriter::new();
+    let mut s = Shard::new();
     for i in 0..n {
         // Incompressible-ish payload so socket buffers cannot hold a whole big shard.
-        let data: Vec<u8> = (0..payload)
-            .map(|j| ((i * 31 + j * 7919) % 251) as u8)
-            .collect();
-        w.append_sample(&format!("{prefix}-{i:04}"), "png", &data, Some(i as i64))
-            .unwrap();
+        s.sample(
+            &format!("{prefix}-{i:04}"),
+            "png",
+            &noise(payload, i),
+            Some(i as i64),
+        );
     }
-    w.finish().unwrap()
+    s.bytes()
 }
 
 async fn put(store: &Arc<dyn ObjectStore>, path: &str, bytes: Vec<u8>) {
@@ -158,7 +157,7 @@ fn cfg_for(moto: &Moto, prefix: &str) -> ObjectStoreSourceConfig {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lists_and_streams_shards_from_url_config() {
-    let moto = Moto::start(Moto::free_port());
+    let moto = Moto::start(free_port());
     let store = moto.store();
     put(&store, "ds/b.tar", shard("b", 5, 100)).await;
     put(&store, "ds/a.tar.gz", {
@@ -197,7 +196,7 @@ async fn lists_and_streams_shards_from_url_config() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn retries_across_a_server_restart_without_losing_or_repeating_records() {
-    let port = Moto::free_port();
+    let port = free_port();
     let mut moto = Moto::start(port);
     let big = shard("big", 300, 100_000); // ~30 MB
     put(&moto.store(), "r/big.tar", big.clone()).await;
@@ -239,7 +238,7 @@ async fn retries_across_a_server_restart_without_losing_or_repeating_records() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unreadable_shard_is_reported_and_skipped() {
-    let moto = Moto::start(Moto::free_port());
+    let moto = Moto::start(free_port());
     let store = moto.store();
     put(&store, "u/a.tar", shard("a", 3, 10)).await;
     put(&store, "u/b.tar", shard("b", 2, 10)).await;
@@ -270,7 +269,7 @@ async fn unreadable_shard_is_reported_and_skipped() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn follow_mode_picks_up_new_shards_once() {
-    let moto = Moto::start(Moto::free_port());
+    let moto = Moto::start(free_port());
     let store = moto.store();
     put(&store, "f/000.tar", shard("s0", 3, 50)).await;
     let mut cfg = cfg_for(&moto, "f");

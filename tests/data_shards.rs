@@ -1,7 +1,10 @@
 //! Shard tools through their CLI: pack a class folder (labels, classes.json, determinism),
 //! import-idx with --limit, inspect.
 
+mod common;
+
 use clap::Parser;
+use common::data::{fmnist, png_rgb};
 use object_store::{local::LocalFileSystem, path::Path};
 use odcd::cmd::shards::ShardsCmd;
 use odcd::shards::inspect;
@@ -19,19 +22,6 @@ async fn run(args: &[&str]) {
     cli.cmd.run().await.unwrap();
 }
 
-fn png(v: u8) -> Vec<u8> {
-    let mut out = Vec::new();
-    image::ImageEncoder::write_image(
-        image::codecs::png::PngEncoder::new(&mut out),
-        &[v; 12 * 10 * 3],
-        12,
-        10,
-        image::ExtendedColorType::Rgb8,
-    )
-    .unwrap();
-    out
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pack_class_folders_is_labelled_and_deterministic() {
     let tmp = tempfile::tempdir().unwrap();
@@ -39,7 +29,11 @@ async fn pack_class_folders_is_labelled_and_deterministic() {
     for (class, n) in [("zebra", 3u8), ("cat", 2), ("dog", 4)] {
         std::fs::create_dir_all(src.join(class)).unwrap();
         for i in 0..n {
-            std::fs::write(src.join(class).join(format!("{i}.PNG")), png(i * 20)).unwrap();
+            std::fs::write(
+                src.join(class).join(format!("{i}.PNG")),
+                png_rgb(i * 20, 12, 10),
+            )
+            .unwrap();
         }
         std::fs::write(src.join(class).join("notes.txt"), "ignored").unwrap();
     }
@@ -78,15 +72,10 @@ async fn pack_class_folders_is_labelled_and_deterministic() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn import_idx_cli_with_limit() {
-    let dir = "/usr/share/datasets/fashion-mnist";
-    let images = format!("{dir}/t10k-images-idx3-ubyte.gz");
-    assert!(
-        std::path::Path::new(&images).exists(),
-        "{images} is missing: install the data set with `apt-get install -y dataset-fashion-mnist`"
-    );
+    let images = fmnist("t10k-images-idx3-ubyte.gz").display().to_string();
     let tmp = tempfile::tempdir().unwrap();
     let url = format!("file://{}/fm", tmp.path().display());
-    let labels = format!("{dir}/t10k-labels-idx1-ubyte.gz");
+    let labels = fmnist("t10k-labels-idx1-ubyte.gz").display().to_string();
     run(&[
         "import-idx",
         &images,

@@ -11,6 +11,7 @@ use std::process::Command;
 use std::sync::OnceLock;
 use std::time::Duration;
 
+use common::data::{fixture_members, members, Shard};
 use common::*;
 
 struct Trained {
@@ -25,37 +26,25 @@ struct Trained {
 
 /// Splits the fixture tar into train (first 150 samples) and test (last 50) shards.
 fn split_fixture(train: &Path, test: &Path) {
-    let data = std::fs::read(fixtures_dir().join("fmnist-test-000000.tar")).expect("fixture");
-    let mut ar = tar::Archive::new(&data[..]);
+    let members = fixture_members();
+    let key = |name: &str| name.split_once('.').expect("key.ext").0.to_string();
     let mut keys: Vec<String> = Vec::new();
-    let mut members: Vec<(String, String, Vec<u8>)> = Vec::new();
-    for e in ar.entries().expect("tar entries") {
-        let mut e = e.expect("tar entry");
-        let name = e.path().expect("path").to_string_lossy().to_string();
-        let (key, _) = name.split_once('.').expect("key.ext");
-        let mut buf = Vec::new();
-        std::io::Read::read_to_end(&mut e, &mut buf).expect("read member");
-        if keys.last() != Some(&key.to_string()) {
-            keys.push(key.to_string());
+    for (name, _) in &members {
+        if keys.last() != Some(&key(name)) {
+            keys.push(key(name));
         }
-        members.push((key.to_string(), name, buf));
     }
     assert_eq!(keys.len(), 200, "the fixture holds 200 samples");
     for (dir, range) in [(train, 0..150), (test, 150..200)] {
         std::fs::create_dir_all(dir).expect("mkdir");
         let wanted: std::collections::HashSet<&String> = keys[range].iter().collect();
-        let f = std::fs::File::create(dir.join("part-000000.tar")).expect("create tar");
-        let mut b = tar::Builder::new(f);
-        for (key, name, bytes) in &members {
-            if wanted.contains(key) {
-                let mut h = tar::Header::new_gnu();
-                h.set_size(bytes.len() as u64);
-                h.set_mode(0o644);
-                h.set_cksum();
-                b.append_data(&mut h, name, &bytes[..]).expect("append");
+        let mut shard = Shard::new();
+        for (name, bytes) in &members {
+            if wanted.contains(&key(name)) {
+                shard.member(name, bytes);
             }
         }
-        b.finish().expect("finish tar");
+        shard.write(&dir.join("part-000000.tar"));
     }
 }
 
@@ -262,25 +251,13 @@ fn eval_names_unlabelled_shards() {
     let dir = t.root.join("unlabelled");
     std::fs::create_dir_all(&dir).expect("mkdir");
     let data = std::fs::read(t.test.join("part-000000.tar")).expect("test tar");
-    let mut ar = tar::Archive::new(&data[..]);
-    let f = std::fs::File::create(dir.join("part-000000.tar")).expect("create");
-    let mut b = tar::Builder::new(f);
-    for e in ar.entries().expect("entries") {
-        let mut e = e.expect("entry");
-        let name = e.path().expect("path").to_string_lossy().to_string();
-        if name.ends_with(".cls") {
-            continue;
+    let mut shard = Shard::new();
+    for (name, bytes) in members(&data) {
+        if !name.ends_with(".cls") {
+            shard.member(&name, &bytes);
         }
-        let mut buf = Vec::new();
-        std::io::Read::read_to_end(&mut e, &mut buf).expect("read");
-        let mut h = tar::Header::new_gnu();
-        h.set_size(buf.len() as u64);
-        h.set_mode(0o644);
-        h.set_cksum();
-        b.append_data(&mut h, &name, &buf[..]).expect("append");
     }
-    b.finish().expect("finish");
-    drop(b);
+    shard.write(&dir.join("part-000000.tar"));
     let out = Command::new(odcd_bin())
         .args(["eval", "--checkpoint"])
         .arg(&t.ckpt)

@@ -4,6 +4,7 @@
 
 mod common;
 
+use common::data::rt;
 use common::kafka::*;
 use common::*;
 use std::collections::{HashMap, HashSet};
@@ -12,13 +13,6 @@ use std::time::Duration;
 
 use odcd::checkpoint::CheckpointStore;
 use odcd::sink::kafka::decode_binary;
-
-fn rt() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .expect("tokio runtime")
-}
 
 fn checkpoints(dir: &Path) -> Vec<odcd::checkpoint::Checkpoint> {
     let store = CheckpointStore::open(&dir.display().to_string(), &Default::default(), 0)

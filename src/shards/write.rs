@@ -25,16 +25,51 @@ impl ShardWriter {
         }
     }
 
-    /// Append one member (long names become GNU long-name entries).
-    pub fn append(&mut self, name: &str, data: &[u8]) -> std::io::Result<()> {
+    /// A regular-file header with the fixed metadata.
+    fn header(size: u64) -> tar::Header {
         let mut h = tar::Header::new_gnu();
-        h.set_size(data.len() as u64);
+        h.set_size(size);
         h.set_mode(0o644);
         h.set_mtime(0);
         h.set_uid(0);
         h.set_gid(0);
         h.set_entry_type(tar::EntryType::Regular);
+        h
+    }
+
+    /// Append one member (long names become GNU long-name entries).
+    pub fn append(&mut self, name: &str, data: &[u8]) -> std::io::Result<()> {
+        let mut h = Self::header(data.len() as u64);
         self.builder.append_data(&mut h, name, data)
+    }
+
+    /// Append one member whose name is raw bytes, stored exactly as given. Tar names are
+    /// bytes, not text: this writes the shards a reader must survive, such as a name that is
+    /// not UTF-8 (rejected as `bad_name`), which [`append`](Self::append) cannot express.
+    /// Names over 100 bytes get a GNU long-name entry, as with `append`.
+    pub fn append_raw(&mut self, name: &[u8], data: &[u8]) -> std::io::Result<()> {
+        let mut h = Self::header(data.len() as u64);
+        let Some(gnu) = h.as_gnu_mut() else {
+            return Err(std::io::Error::other("tar header without GNU fields"));
+        };
+        let field = gnu.name.len();
+        if name.len() > field {
+            // GNU tar's form: a `././@LongLink` member holding the NUL-terminated name, then
+            // the member itself with the name cut to the field.
+            let mut long = Self::header(name.len() as u64 + 1);
+            long.set_entry_type(tar::EntryType::GNULongName);
+            let link = b"././@LongLink";
+            if let Some(g) = long.as_gnu_mut() {
+                g.name[..link.len()].copy_from_slice(link);
+            }
+            long.set_cksum();
+            let body = [name, &[0]].concat();
+            self.builder.append(&long, &body[..])?;
+        }
+        let n = name.len().min(field);
+        gnu.name[..n].copy_from_slice(&name[..n]);
+        h.set_cksum();
+        self.builder.append(&h, data)
     }
 
     /// Append a sample: `<key>.<ext>` and, with a label, `<key>.cls`.
@@ -195,4 +230,53 @@ pub async fn pack_dir(
         .await?;
     }
     Ok(summary)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// (name bytes, data) of every member, as the tar crate reads them back.
+    fn members(tar: &[u8]) -> Vec<(Vec<u8>, Vec<u8>)> {
+        let mut ar = tar::Archive::new(tar);
+        let mut out = Vec::new();
+        for e in ar.entries().expect("entries") {
+            let mut e = e.expect("entry");
+            let name = e.path_bytes().into_owned();
+            let mut data = Vec::new();
+            std::io::Read::read_to_end(&mut e, &mut data).expect("read");
+            out.push((name, data));
+        }
+        out
+    }
+
+    #[test]
+    fn raw_names_are_stored_as_given_short_and_long() {
+        let long: Vec<u8> = std::iter::repeat_n(b'k', 150).chain(*b"\xfe.png").collect();
+        let mut w = ShardWriter::new();
+        w.append_raw(b"bad\xffname.png", b"B").expect("short raw");
+        w.append_raw(&long, b"L").expect("long raw");
+        w.append("ok.png", b"O").expect("utf-8");
+        let got = members(&w.finish().expect("finish"));
+        assert_eq!(
+            got,
+            [
+                (b"bad\xffname.png".to_vec(), b"B".to_vec()),
+                (long, b"L".to_vec()),
+                (b"ok.png".to_vec(), b"O".to_vec()),
+            ]
+        );
+    }
+
+    #[test]
+    fn raw_and_text_names_give_the_same_bytes() {
+        // Same fixed metadata either way, so mixing the two keeps shards deterministic.
+        let long = "x".repeat(120) + ".png";
+        let (mut a, mut b) = (ShardWriter::new(), ShardWriter::new());
+        for name in ["k.png", long.as_str()] {
+            a.append(name, b"data").expect("append");
+            b.append_raw(name.as_bytes(), b"data").expect("append_raw");
+        }
+        assert!(a.finish().expect("a") == b.finish().expect("b"));
+    }
 }

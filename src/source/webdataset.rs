@@ -390,19 +390,12 @@ mod tests {
     use super::*;
 
     fn tar_of(members: &[(&[u8], &[u8])]) -> Vec<u8> {
-        let mut b = tar::Builder::new(Vec::new());
+        let mut w = crate::shards::ShardWriter::new();
         for (name, data) in members {
-            let mut h = tar::Header::new_gnu();
-            h.set_size(data.len() as u64);
-            h.set_mode(0o644);
-            h.set_entry_type(tar::EntryType::Regular);
             // Raw bytes: lets tests write non-UTF-8 names.
-            let gnu = h.as_gnu_mut().expect("gnu header");
-            gnu.name[..name.len()].copy_from_slice(name);
-            h.set_cksum();
-            b.append(&h, *data).expect("append");
+            w.append_raw(name, data).expect("append");
         }
-        b.into_inner().expect("finish")
+        w.finish().expect("finish")
     }
 
     fn read_all(bytes: &[u8], max: u64) -> (Vec<SourceItem>, ShardEnd) {

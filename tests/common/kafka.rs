@@ -255,7 +255,7 @@ fn client(brokers: &str) -> ClientConfig {
 /// The 200 fixture images as Kafka records: key = sample key, value = PNG bytes, headers
 /// class_label and content_type.
 pub fn fixture_records() -> Vec<InRec> {
-    let path = super::fixtures_dir().join("fmnist-test-000000.tar");
+    let path = super::fixtures_dir().join(super::data::FIXTURE_SHARD);
     let f = std::fs::File::open(&path).expect("open fixture shard");
     let mut out = Vec::new();
     odcd::source::webdataset::read_shard(

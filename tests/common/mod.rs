@@ -1,6 +1,8 @@
-//! Helpers for the integration tests that run the real `odcd` binary.
+//! The shared test kit: the real `odcd` binary, Prometheus and a config here; test data and
+//! shards in [`data`]; the Kafka broker in [`kafka`].
 #![allow(dead_code)]
 
+pub mod data;
 pub mod kafka;
 
 use std::io::{Read, Write};

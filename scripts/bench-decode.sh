@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Decode + augment bench: Rust (1 and 2 threads) and the Pillow/NumPy baseline, same inputs,
 # same machine, same run. Needs: pip install pillow numpy scikit-image
+#   scripts/bench-decode.sh [SECONDS]   # per measurement, default 3
 set -euo pipefail
 cd "$(dirname "$0")/.."
 target="${CARGO_TARGET_DIR:-target}"
