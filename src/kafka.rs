@@ -71,3 +71,16 @@ pub fn producer_config(
     }
     Ok(cc)
 }
+
+/// Checks a producer's settings as [`producer_config`] would use them: brokers, topic and the
+/// client properties (`options_env` variables set). `field` is the section's path.
+pub fn check_producer(
+    field: &str,
+    brokers: &str,
+    topic: &str,
+    options: &BTreeMap<String, String>,
+    options_env: &BTreeMap<String, String>,
+) -> Result<(), FieldError> {
+    check_topic(field, brokers, topic)?;
+    producer_config(brokers, options, options_env, &format!("{field}.options_env")).map(|_| ())
+}

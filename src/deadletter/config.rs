@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use rdkafka::producer::FutureProducer;
 use serde::{Deserialize, Serialize};
 
-use crate::kafka::{check_topic, producer_config};
+use crate::kafka::{check_producer, producer_config};
 use crate::validate::FieldError;
 
 /// The config path of the Kafka destination, named in its errors.
@@ -57,14 +57,13 @@ pub struct KafkaTopicConfig {
 
 impl KafkaTopicConfig {
     pub fn validate(&self, field: &str) -> Result<(), FieldError> {
-        check_topic(field, &self.brokers, &self.topic)?;
-        producer_config(
+        check_producer(
+            field,
             &self.brokers,
+            &self.topic,
             &self.options,
             &self.options_env,
-            &format!("{field}.options_env"),
         )
-        .map(|_| ())
     }
 
     /// An idempotent producer for this topic.

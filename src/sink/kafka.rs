@@ -35,7 +35,7 @@ use rdkafka::Message;
 use serde::{Deserialize, Serialize};
 
 use super::{EmbeddingBatch, SinkError};
-use crate::kafka::{check_topic, producer_config};
+use crate::kafka::{check_producer, producer_config};
 use crate::validate::FieldError;
 
 /// Magic bytes of the binary embedding value.
@@ -113,7 +113,6 @@ impl KafkaSinkConfig {
     }
 
     pub fn validate(&self, field: &str) -> Result<(), FieldError> {
-        check_topic(field, &self.brokers, &self.topic)?;
         if self.max_in_flight == 0 {
             return Err(FieldError::new(
                 format!("{field}.max_in_flight"),
@@ -126,13 +125,13 @@ impl KafkaSinkConfig {
                 "set `transactional_id` (with exactly_once = true) instead of options.\"transactional.id\"",
             ));
         }
-        producer_config(
+        check_producer(
+            field,
             &self.brokers,
+            &self.topic,
             &self.options,
             &self.options_env,
-            &format!("{field}.options_env"),
         )
-        .map(|_| ())
     }
 }
 

@@ -217,6 +217,18 @@ impl TrainLoop {
         Some((batch, self.batches.state().clone()))
     }
 
+    /// Reads the stream's next batch into `p.pending` (the warm-up trains it later); false
+    /// when the stream ended (`p.ended`) or `cancel` fired.
+    fn read_into_pending(&mut self, p: &mut Progress) -> bool {
+        let Some(batch) = self.read_batch() else {
+            p.ended = true;
+            return false;
+        };
+        p.summary.records += batch.keys.len() as u64;
+        p.pending.push_back((batch, self.batches.state().clone()));
+        true
+    }
+
     /// The stream's next batch, or `None` when it ended or `cancel` fired.
     fn read_batch(&mut self) -> Option<Batch> {
         let (batches, cancel) = (&mut self.batches, &self.cancel);
@@ -247,12 +259,9 @@ impl TrainLoop {
                 if self.cancel.is_cancelled() {
                     return Ok(false);
                 }
-                let Some(batch) = self.read_batch() else {
-                    p.ended = true;
+                if !self.read_into_pending(p) {
                     break;
-                };
-                p.summary.records += batch.keys.len() as u64;
-                p.pending.push_back((batch, self.batches.state().clone()));
+                }
             }
             let t = Instant::now();
             let images: Vec<&candle_core::Tensor> =
@@ -272,13 +281,12 @@ impl TrainLoop {
             if self.cancel.is_cancelled() {
                 return Ok(false);
             }
-            let Some(batch) = self.read_batch() else {
-                p.ended = true;
+            if !self.read_into_pending(p) {
                 break;
-            };
-            p.summary.records += batch.keys.len() as u64;
-            buffer.add(&self.trainer, &batch)?;
-            p.pending.push_back((batch, self.batches.state().clone()));
+            }
+            if let Some((batch, _)) = p.pending.back() {
+                buffer.add(&self.trainer, batch)?;
+            }
         }
         if buffer.keys.len() < k {
             if self.cancel.is_cancelled() {
