@@ -238,22 +238,19 @@ pub async fn embed(
     // Publish what the sinks hold, retrying failures, but bounded: a sink that cannot publish
     // ends the command with its error (and no input offset is committed past its rows).
     let wait = Duration::from_secs(cfg.checkpoint.as_ref().map_or(300, |c| c.timeout_secs));
-    let sink_metrics_close = sink.metrics();
     tokio::time::timeout(wait, sink.flush_retrying())
         .await
         .map_err(|_| TopologyError::SinkShutdown {
             secs: wait.as_secs(),
-            rows: sink_metrics_close
+            rows: sink_metrics
                 .rows_written
                 .load(std::sync::atomic::Ordering::Relaxed)
                 .saturating_sub(
-                    sink_metrics_close
+                    sink_metrics
                         .rows_published
                         .load(std::sync::atomic::Ordering::Relaxed),
                 ),
-            last: sink_metrics_close
-                .last_error()
-                .unwrap_or_else(|| "none".into()),
+            last: sink_metrics.last_error().unwrap_or_else(|| "none".into()),
         })??;
     sink.close().await?;
     if let (Some(src), false) = (&kafka_src, has_kafka_sink) {

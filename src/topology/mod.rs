@@ -54,7 +54,7 @@ pub enum TopologyError {
     Resume { step: u64, message: String },
     #[error("embeddings sink: {0}")]
     Sink(#[from] SinkError),
-    #[error("embeddings sink: could not publish its last rows within {secs} s at shutdown ({rows} row(s) unpublished; last error: {last}); a restart publishes the steps after the last checkpoint again")]
+    #[error("embeddings sink: could not publish its last rows within {secs} s at shutdown ({rows} row(s) unpublished; last error: {last}); a restart publishes them again")]
     SinkShutdown { secs: u64, rows: u64, last: String },
     #[error("{0}")]
     Listen(std::io::Error),
@@ -136,7 +136,7 @@ pub enum BarrierError {
     Stopped { last: Option<String> },
     #[error("embeddings sink: {0}")]
     Sink(#[from] SinkError),
-    #[error("embeddings sink: could not publish its last rows within {secs} s at shutdown ({rows} row(s) unpublished; last error: {last}); a restart publishes the steps after the last checkpoint again")]
+    #[error("embeddings sink: could not publish its last rows within {secs} s at shutdown ({rows} row(s) unpublished; last error: {last}); a restart publishes them again")]
     SinkShutdown { secs: u64, rows: u64, last: String },
 }
 
