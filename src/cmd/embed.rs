@@ -10,7 +10,7 @@
 //! transaction (embeddings + `send_offsets_to_transaction` + commit).
 
 use std::path::PathBuf;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use tokio_util::sync::CancellationToken;
 
@@ -192,8 +192,10 @@ pub async fn embed(
             dim: d,
             embeddings: emb,
         };
+        // A failed write is retried with backoff until it succeeds, never dropped (only a
+        // malformed batch is an error).
         let Some(src) = &kafka_src else {
-            sink.write(out).await?;
+            sink.write_retrying(out).await?;
             continue;
         };
         // Kafka input: the batch's offsets are committed only once its outputs are durable.
@@ -210,9 +212,9 @@ pub async fn embed(
         } else if sink.kafka().is_none() {
             // Parquet only: rows are durable when their file is published, at the latest at
             // close, so the offsets are committed after the close below (a crash re-reads).
-            sink.write(out).await?;
+            sink.write_retrying(out).await?;
         } else {
-            sink.write(out).await?;
+            sink.write_retrying(out).await?;
             if let Some(k) = sink.kafka() {
                 let failed = k.flush().await?;
                 if failed > 0 {
@@ -233,6 +235,23 @@ pub async fn embed(
         }
     }
     let has_kafka_sink = sink.kafka().is_some();
+    // Publish what the sinks hold, retrying failures, but bounded: a sink that cannot publish
+    // ends the command with its error (and no input offset is committed past its rows).
+    let wait = Duration::from_secs(cfg.checkpoint.as_ref().map_or(300, |c| c.timeout_secs));
+    tokio::time::timeout(wait, sink.flush_retrying())
+        .await
+        .map_err(|_| TopologyError::SinkShutdown {
+            secs: wait.as_secs(),
+            rows: sink_metrics
+                .rows_written
+                .load(std::sync::atomic::Ordering::Relaxed)
+                .saturating_sub(
+                    sink_metrics
+                        .rows_published
+                        .load(std::sync::atomic::Ordering::Relaxed),
+                ),
+            last: sink_metrics.last_error().unwrap_or_else(|| "none".into()),
+        })??;
     sink.close().await?;
     if let (Some(src), false) = (&kafka_src, has_kafka_sink) {
         src.commit_sync(stream.state()).map_err(|e| {

@@ -145,7 +145,7 @@ pub async fn run(cfg: Config, cancel: CancellationToken) -> Result<RunSummary, T
             metrics: train_metrics,
             health,
             store,
-            embeddings: embeddings.as_ref().map(|e| e.tx.clone()),
+            embeddings: embeddings.as_ref().map(|e| e.handle()),
             kafka: path.kafka,
             eval,
         },
@@ -172,9 +172,14 @@ pub async fn run(cfg: Config, cancel: CancellationToken) -> Result<RunSummary, T
             .sum();
         s
     });
-    // The trainer dropped its sender: the sink flushes what it holds and ends.
+    // The trainer dropped its handle: the sinks publish what they hold and end, within the
+    // checkpoint timeout; a sink that cannot publish makes the run end with its error.
     if let Some(e) = embeddings {
-        e.finish().await;
+        let wait = Duration::from_secs(cfg.checkpoint.as_ref().map_or(300, |c| c.timeout_secs));
+        let fin = e.finish(wait).await;
+        if let (Ok(_), Err(e)) = (&res, fin) {
+            return Err(e);
+        }
     }
     res
 }

@@ -20,7 +20,8 @@
 //!
 //! The producer is idempotent (`enable.idempotence`); at most `max_in_flight` records wait for
 //! their delivery report, beyond that a write waits (backpressure, bounded memory). A failed
-//! delivery is re-sent up to `delivery_retries` times, then counted and dropped.
+//! delivery is re-sent up to `delivery_retries` times, then counted and dropped, or, for
+//! `odcd run` ([`KafkaSink::resend_forever`]), re-sent after growing pauses until delivered.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::time::Duration;
@@ -265,6 +266,9 @@ pub struct KafkaSink {
     transactional: bool,
     inflight: VecDeque<InFlight>,
     counters: std::sync::Arc<KafkaSinkCounters>,
+    /// Past `delivery_retries`, keep re-sending a failed record (with a growing pause) instead
+    /// of dropping it: `odcd run`, whose checkpoints must not move past an undelivered row.
+    resend_forever: bool,
 }
 
 impl KafkaSink {
@@ -305,7 +309,15 @@ impl KafkaSink {
             transactional,
             inflight: VecDeque::new(),
             counters: Default::default(),
+            resend_forever: false,
         })
+    }
+
+    /// Never drop a record whose delivery failed: after `delivery_retries` quick re-sends it is
+    /// re-sent after a pause of 100 ms doubling to 5 s, for as long as it takes (the in-flight
+    /// bound then holds the writer back). Not for transactional sinks, which abort instead.
+    pub fn resend_forever(&mut self, on: bool) {
+        self.resend_forever = on && !self.transactional;
     }
 
     /// Register the transactional id with the broker (fences older producers with it).
@@ -465,7 +477,22 @@ impl KafkaSink {
                 Ok(())
             }
             Ok(Err((e, msg))) => {
-                if attempts < self.cfg.delivery_retries && !self.transactional {
+                let beyond = attempts.saturating_sub(self.cfg.delivery_retries);
+                if self.resend_forever && attempts >= self.cfg.delivery_retries {
+                    self.counters.retried.fetch_add(1, Relaxed);
+                    let pause = Duration::from_millis(100)
+                        .saturating_mul(1u32 << beyond.min(6))
+                        .min(Duration::from_secs(5));
+                    tracing::warn!(
+                        topic = %self.cfg.topic,
+                        attempt = attempts + 1,
+                        pause_ms = pause.as_millis() as u64,
+                        "kafka sink: delivery failed ({e}); re-sending after a pause (nothing is dropped)"
+                    );
+                    tokio::time::sleep(pause).await;
+                    let (key, payload, headers) = parts(&msg);
+                    Box::pin(self.send(&key, &payload, headers, attempts.saturating_add(1))).await
+                } else if attempts < self.cfg.delivery_retries && !self.transactional {
                     self.counters.retried.fetch_add(1, Relaxed);
                     tracing::warn!(
                         topic = %self.cfg.topic,

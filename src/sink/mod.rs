@@ -8,6 +8,8 @@
 mod config;
 pub mod kafka;
 pub mod parquet;
+#[cfg(test)]
+pub(crate) mod testing;
 
 pub use self::config::EmbeddingsConfig;
 pub use self::kafka::{KafkaSink, KafkaSinkConfig};
@@ -15,7 +17,9 @@ pub use self::parquet::{
     EmbeddingBatch, ParquetCompression, ParquetSink, ParquetSinkConfig, SinkError, SinkMetrics,
 };
 
+use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
+use std::time::Duration;
 
 /// The configured embeddings sinks: Parquet files, a Kafka topic, or both.
 pub struct EmbeddingSinks {
@@ -23,6 +27,60 @@ pub struct EmbeddingSinks {
     kafka: Option<KafkaSink>,
     parquet_metrics: Arc<SinkMetrics>,
     kafka_metrics: Option<KafkaSinkMetrics>,
+    /// Kafka records dropped for good when the sinks were opened: a later count above it means
+    /// rows were lost, and a flush says so instead of succeeding.
+    kafka_failed_seen: u64,
+}
+
+/// The wait before the next attempt of a failed sink write: 100 ms, doubling up to 5 s. Each
+/// wait is counted in [`SinkMetrics::retries`], logged, and the error kept in
+/// [`SinkMetrics::last_error`].
+pub struct Backoff {
+    next: Duration,
+}
+
+impl Backoff {
+    pub const FIRST: Duration = Duration::from_millis(100);
+    pub const MAX: Duration = Duration::from_secs(5);
+
+    pub fn new() -> Self {
+        Backoff { next: Self::FIRST }
+    }
+
+    /// Records the failure of `what` and sleeps before the next attempt.
+    pub async fn wait(&mut self, what: &str, err: &SinkError, metrics: &SinkMetrics) {
+        metrics.retries.fetch_add(1, Relaxed);
+        if let Ok(mut g) = metrics.last_error.lock() {
+            *g = Some(format!("{what}: {err}"));
+        }
+        tracing::warn!(
+            retry_in_ms = self.next.as_millis() as u64,
+            "embeddings sink: {what} failed, retrying (nothing is dropped): {err}"
+        );
+        tokio::time::sleep(self.next).await;
+        self.next = (self.next * 2).min(Self::MAX);
+    }
+}
+
+impl Default for Backoff {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// Runs `$attempt` until it succeeds, waiting with a [`Backoff`] after each transient error;
+/// a permanent error is returned.
+macro_rules! retrying {
+    ($what:expr, $metrics:expr, $attempt:expr) => {{
+        let mut backoff = Backoff::new();
+        loop {
+            match $attempt.await {
+                Ok(v) => break Ok(v),
+                Err(e) if e.is_transient() => backoff.wait($what, &e, $metrics).await,
+                Err(e) => break Err(e),
+            }
+        }
+    }};
 }
 
 /// Prometheus series of the Kafka embeddings sink (`sink="kafka"`).
@@ -102,7 +160,6 @@ impl EmbeddingSinks {
             Some(url) => Some(ParquetSink::open(url, &cfg.options, cfg.parquet.clone())?),
             None => None,
         };
-        let parquet_metrics = parquet.as_ref().map(|p| p.metrics()).unwrap_or_default();
         let kafka = match &cfg.kafka {
             Some(k) => Some(KafkaSink::open(k, versioned_keys, transactional)?),
             None => None,
@@ -118,15 +175,31 @@ impl EmbeddingSinks {
             }
             _ => None,
         };
-        Ok(EmbeddingSinks {
+        Ok(Self::from_parts(parquet, kafka, kafka_metrics))
+    }
+
+    /// The sinks from already opened parts ([`EmbeddingSinks::open`] opens them from a config;
+    /// a test passes a Parquet sink on a wrapped store).
+    pub fn from_parts(
+        parquet: Option<ParquetSink>,
+        kafka: Option<KafkaSink>,
+        kafka_metrics: Option<KafkaSinkMetrics>,
+    ) -> Self {
+        let parquet_metrics = parquet.as_ref().map(|p| p.metrics()).unwrap_or_default();
+        let kafka_failed_seen = kafka
+            .as_ref()
+            .map_or(0, |k| k.counters().failed.load(Relaxed));
+        EmbeddingSinks {
             parquet,
             kafka,
             parquet_metrics,
             kafka_metrics,
-        })
+            kafka_failed_seen,
+        }
     }
 
-    /// Counters of the Parquet sink (zeros without one).
+    /// Counters of the Parquet sink (zeros without one), with the retries and last error of
+    /// every sink.
     pub fn metrics(&self) -> Arc<SinkMetrics> {
         self.parquet_metrics.clone()
     }
@@ -149,6 +222,79 @@ impl EmbeddingSinks {
         res
     }
 
+    /// Writes `b` to every sink, retrying a failed write with [`Backoff`] until it succeeds:
+    /// a batch is never dropped because a write failed (while it retries, the caller's bounded
+    /// queue fills and the producer of the rows waits). Only an error that no retry can fix (a
+    /// malformed batch) is returned. A Kafka write that failed half-way is sent again whole:
+    /// some records may be delivered twice (consumers drop duplicates by key and step).
+    pub async fn write_retrying(&mut self, b: EmbeddingBatch) -> Result<(), SinkError> {
+        let metrics = self.parquet_metrics.clone();
+        if let Some(k) = &mut self.kafka {
+            retrying!("kafka write", &metrics, k.write(&b))?;
+            if let Some(m) = &self.kafka_metrics {
+                m.sync();
+            }
+        }
+        if let Some(p) = &mut self.parquet {
+            match p.write(b).await {
+                Ok(()) => {}
+                // The rows are accepted and kept: what is retried is writing them out.
+                Err(e) if e.is_transient() => {
+                    Backoff::new().wait("parquet write", &e, &metrics).await;
+                    retrying!("parquet write", &metrics, p.resume())?;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        self.succeeded();
+        Ok(())
+    }
+
+    /// The barrier: every row written so far is durably published when this returns `Ok`
+    /// (the Parquet file closed and uploaded, every Kafka delivery acknowledged). Failed
+    /// attempts are retried with [`Backoff`] until they succeed, so the caller bounds the wait.
+    /// Kafka records dropped after their re-sends cannot be published again: that is an error.
+    pub async fn flush_retrying(&mut self) -> Result<(), SinkError> {
+        let metrics = self.parquet_metrics.clone();
+        if let Some(k) = &mut self.kafka {
+            let failed = retrying!("kafka flush", &metrics, k.flush())?;
+            if let Some(m) = &self.kafka_metrics {
+                m.sync();
+            }
+            if failed > self.kafka_failed_seen {
+                return Err(SinkError::Kafka {
+                    topic: k.topic().into(),
+                    message: format!(
+                        "{} embedding record(s) were dropped after failed deliveries; the rows since the last checkpoint are published again after a restart",
+                        failed - self.kafka_failed_seen
+                    ),
+                });
+            }
+        }
+        if let Some(p) = &mut self.parquet {
+            retrying!("parquet publish", &metrics, p.flush())?;
+        }
+        self.succeeded();
+        Ok(())
+    }
+
+    /// [`EmbeddingSinks::flush_if_older`], retried with [`Backoff`] until it succeeds.
+    pub async fn flush_if_older_retrying(&mut self, max_age_secs: u64) -> Result<(), SinkError> {
+        let metrics = self.parquet_metrics.clone();
+        if let Some(p) = &mut self.parquet {
+            retrying!("parquet publish", &metrics, p.flush_if_older(max_age_secs))?;
+        }
+        self.succeeded();
+        Ok(())
+    }
+
+    /// Clears the last error once every sink is healthy again.
+    fn succeeded(&self) {
+        if let Ok(mut g) = self.parquet_metrics.last_error.lock() {
+            *g = None;
+        }
+    }
+
     /// Exactly-once batch: the Kafka part is one transaction with the input `offsets`
     /// ([`KafkaSink::write_transaction`]); Parquet rows (if configured) follow its commit.
     pub async fn write_transaction(
@@ -161,8 +307,16 @@ impl EmbeddingSinks {
             k.write_transaction(&b, offsets, group).await?;
         }
         self.sync();
+        let metrics = self.parquet_metrics.clone();
         match &mut self.parquet {
-            Some(p) => p.write(b).await,
+            // The transaction is committed: the Parquet rows must follow, so a failure is
+            // retried (the sink keeps the rows) rather than returned.
+            Some(p) => match p.write(b).await {
+                Err(e) if e.is_transient() => {
+                    retrying!("parquet write", &metrics, p.resume())
+                }
+                r => r,
+            },
             None => Ok(()),
         }
     }

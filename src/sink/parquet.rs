@@ -161,7 +161,7 @@ pub enum SinkError {
     Kafka { topic: String, message: String },
     #[error("parquet sink: bad embedding batch: {0}")]
     BadBatch(String),
-    #[error("parquet sink `{url}`: cannot write `{file}`: {message} (the rows of this file since its last publish are lost; check that the location is writable)")]
+    #[error("parquet sink `{url}`: cannot write `{file}`: {message} (the file's rows are kept and written again into a new file on the next attempt; check that the location is writable)")]
     Write {
         url: String,
         file: String,
@@ -169,10 +169,18 @@ pub enum SinkError {
     },
 }
 
+impl SinkError {
+    /// Whether trying again may succeed (a store or broker failure), as opposed to a batch or
+    /// config that can never be written.
+    pub fn is_transient(&self) -> bool {
+        matches!(self, SinkError::Write { .. } | SinkError::Kafka { .. })
+    }
+}
+
 /// Counters for the daemon's metrics (read with `load(Ordering::Relaxed)`).
 #[derive(Debug, Default)]
 pub struct SinkMetrics {
-    /// Rows accepted into a file.
+    /// Rows accepted by the sink.
     pub rows_written: AtomicU64,
     /// Rows in published files.
     pub rows_published: AtomicU64,
@@ -180,8 +188,26 @@ pub struct SinkMetrics {
     pub files_published: AtomicU64,
     /// Bytes of published files.
     pub bytes_published: AtomicU64,
-    /// Failed writes / publishes (each abandons the current file).
+    /// Failed writes / publishes (each abandons the current file; its rows are kept).
     pub errors: AtomicU64,
+    /// Attempts repeated after a failed write or publish (any sink of an [`super::EmbeddingSinks`]).
+    pub retries: AtomicU64,
+    /// The error of the last failed attempt, cleared by the next success: what `/readyz` and a
+    /// failed checkpoint name while a sink holds the checkpoint barrier.
+    pub last_error: std::sync::Mutex<Option<String>>,
+}
+
+impl SinkMetrics {
+    /// The error of the last failed attempt, if the sink has not succeeded since.
+    pub fn last_error(&self) -> Option<String> {
+        self.last_error.lock().ok().and_then(|g| g.clone())
+    }
+}
+
+/// Rows `range` of a batch. Batches are shared: one may be split across two files.
+struct Rows {
+    batch: Arc<EmbeddingBatch>,
+    range: std::ops::Range<usize>,
 }
 
 struct OpenFile {
@@ -194,6 +220,11 @@ struct OpenFile {
 /// Writes [`EmbeddingBatch`]es into rolling Parquet files. Call [`ParquetSink::flush`] or
 /// [`ParquetSink::close`] at shutdown, or the rows of the open file are lost (nothing partial
 /// is ever published).
+///
+/// Every accepted row stays in memory until the file holding it is published: a failed write
+/// or publish abandons the file, and the next call writes its rows again into a new file, so a
+/// failure loses nothing. The memory is bounded by the open file (`max_rows_per_file`, its age
+/// limit, and the checkpoint barrier of `odcd run`, which publishes it at every checkpoint).
 pub struct ParquetSink {
     url: String,
     store: Arc<dyn ObjectStore>,
@@ -205,6 +236,10 @@ pub struct ParquetSink {
     seq: u64,
     unique: String,
     current: Option<OpenFile>,
+    /// Rows in the open file, kept until it is published.
+    held: Vec<Rows>,
+    /// Rows accepted and in no file yet (after a failure, the abandoned file's rows first).
+    queued: std::collections::VecDeque<Rows>,
     metrics: Arc<SinkMetrics>,
 }
 
@@ -229,6 +264,18 @@ impl ParquetSink {
                 url: url.clone(),
                 message: e.to_string(),
             })?;
+        Self::with_store(&url, store, prefix, cfg)
+    }
+
+    /// The sink on an already opened `store` under `prefix`; `url` names it in errors and logs.
+    /// [`ParquetSink::open`] builds the store from a URL; a test wraps a real store here.
+    pub fn with_store(
+        url: &str,
+        store: Arc<dyn ObjectStore>,
+        prefix: Path,
+        cfg: ParquetSinkConfig,
+    ) -> Result<Self, SinkError> {
+        cfg.validate()?;
         let nanos = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map(|d| d.as_nanos() as u64)
@@ -236,7 +283,7 @@ impl ParquetSink {
         let n = UNIQUE.fetch_add(1, Ordering::Relaxed);
         let unique = format!("{nanos:016x}{:04x}{n:04x}", std::process::id() & 0xffff);
         Ok(ParquetSink {
-            url,
+            url: url.to_string(),
             store,
             prefix,
             cfg,
@@ -245,6 +292,8 @@ impl ParquetSink {
             seq: 0,
             unique,
             current: None,
+            held: Vec::new(),
+            queued: Default::default(),
             metrics: Arc::new(SinkMetrics::default()),
         })
     }
@@ -280,6 +329,16 @@ impl ParquetSink {
     /// Rows in the file being written (not yet published).
     pub fn pending_rows(&self) -> usize {
         self.current.as_ref().map_or(0, |f| f.rows)
+    }
+
+    /// Rows accepted and not yet in a published file (the open file's and those waiting to be
+    /// written again after a failure).
+    pub fn unpublished_rows(&self) -> usize {
+        self.held
+            .iter()
+            .chain(&self.queued)
+            .map(|r| r.range.len())
+            .sum()
     }
 
     fn write_err(&self, file: &str, e: impl std::fmt::Display) -> SinkError {
@@ -375,77 +434,126 @@ impl ParquetSink {
     }
 
     /// Abandons the open file after a failed write: aborts its upload so nothing is
-    /// published (safe: the writer has not been shut down yet).
+    /// published (safe: the writer has not been shut down yet); its rows go back to the front
+    /// of the queue.
     async fn abandon(&mut self) {
         if let Some(f) = self.current.take() {
             let _ = f.writer.into_inner().into_inner().abort().await;
         }
+        self.requeue_held();
     }
 
-    /// Appends rows; publishes the current file when it reaches `max_rows_per_file` rows or
-    /// `max_file_age_secs`. On a write error the open file is abandoned (its rows are lost)
-    /// and the next write starts a new file.
+    /// The open file's rows back to the front of the queue, in order, to be written again.
+    fn requeue_held(&mut self) {
+        for r in self.held.drain(..).rev() {
+            self.queued.push_front(r);
+        }
+    }
+
+    /// Accepts the rows of `rows` and writes them; publishes the current file when it reaches
+    /// `max_rows_per_file` rows or `max_file_age_secs`. A batch that can never be written (bad
+    /// shape) is refused as [`SinkError::BadBatch`]. Once accepted, rows are never dropped: on a
+    /// write or publish error the open file is abandoned, its rows kept, and the error
+    /// returned; [`ParquetSink::resume`] (or any later call) writes them again into a new file.
     pub async fn write(&mut self, rows: EmbeddingBatch) -> Result<(), SinkError> {
         self.check(&rows)?;
         if rows.is_empty() {
             return Ok(());
         }
-        let schema = match &self.schema {
-            Some(s) => s.clone(),
-            None => {
-                let s = Self::schema_for(rows.dim)?;
-                self.schema = Some(s.clone());
-                self.dim = Some(rows.dim);
-                s
-            }
+        if self.schema.is_none() {
+            self.schema = Some(Self::schema_for(rows.dim)?);
+            self.dim = Some(rows.dim);
+        }
+        let n = rows.len();
+        self.metrics
+            .rows_written
+            .fetch_add(n as u64, Ordering::Relaxed);
+        self.queued.push_back(Rows {
+            batch: Arc::new(rows),
+            range: 0..n,
+        });
+        self.resume().await
+    }
+
+    /// Writes the rows waiting after a failure (if any) and publishes the open file if it is
+    /// older than `max_file_age_secs`: the retry of a failed [`ParquetSink::write`].
+    pub async fn resume(&mut self) -> Result<(), SinkError> {
+        self.drain().await?;
+        self.flush_if_older(self.cfg.max_file_age_secs).await?;
+        Ok(())
+    }
+
+    /// Writes the queued rows into files, publishing each file as it fills.
+    async fn drain(&mut self) -> Result<(), SinkError> {
+        let Some(schema) = self.schema.clone() else {
+            return Ok(()); // nothing was ever accepted
         };
-        let mut start = 0;
-        while start < rows.len() {
+        while let Some((batch, range)) = self
+            .queued
+            .front()
+            .map(|f| (f.batch.clone(), f.range.clone()))
+        {
+            let start = range.start;
             if self.current.is_none() {
-                self.open_file(rows.step, &schema)?;
+                self.open_file(batch.step, &schema)?;
             }
             let room = self.cfg.max_rows_per_file - self.pending_rows();
-            let end = rows.len().min(start + room);
-            let batch = Self::record_batch(&schema, &rows, start..end)?;
+            let end = range.end.min(start + room);
+            let rb = Self::record_batch(&schema, &batch, start..end)?;
             let Some(f) = self.current.as_mut() else {
                 return Err(self.write_err("(no open file)", "internal: no open file"));
             };
-            let res = f.writer.write(&batch).await;
-            f.rows += end - start;
-            if let Err(e) = res {
+            if let Err(e) = f.writer.write(&rb).await {
                 let name = f.name.clone();
                 let err = self.write_err(&name, e);
                 self.abandon().await;
                 return Err(err);
             }
-            self.metrics
-                .rows_written
-                .fetch_add((end - start) as u64, Ordering::Relaxed);
-            start = end;
+            f.rows += end - start;
+            self.held.push(Rows {
+                batch,
+                range: start..end,
+            });
+            match self.queued.front_mut() {
+                Some(front) if end < front.range.end => front.range.start = end,
+                _ => {
+                    self.queued.pop_front();
+                }
+            }
             if self.pending_rows() >= self.cfg.max_rows_per_file {
-                self.flush().await?;
+                self.publish().await?;
             }
         }
-        self.flush_if_older(self.cfg.max_file_age_secs).await?;
         Ok(())
     }
 
-    /// Publishes the open file if it is at least `max_age_secs` old (0 = never by age).
-    /// Call it from a timer so a quiet stream still publishes. Returns whether it published.
+    /// Publishes the open file if it is at least `max_age_secs` old (0 = never by age), after
+    /// writing any rows waiting after a failure. Call it from a timer so a quiet stream still
+    /// publishes. Returns whether it published.
     pub async fn flush_if_older(&mut self, max_age_secs: u64) -> Result<bool, SinkError> {
+        if !self.queued.is_empty() {
+            self.drain().await?;
+        }
         let old = max_age_secs > 0
             && self
                 .current
                 .as_ref()
                 .is_some_and(|f| f.opened.elapsed() >= Duration::from_secs(max_age_secs));
         if old {
-            self.flush().await?;
+            self.publish().await?;
         }
         Ok(old)
     }
 
-    /// Closes and publishes the open file, if any.
+    /// Writes every accepted row and publishes the open file: when it returns `Ok`, every row
+    /// accepted so far is in a published file (the checkpoint barrier of `odcd run`).
     pub async fn flush(&mut self) -> Result<(), SinkError> {
+        self.drain().await?;
+        self.publish().await
+    }
+
+    /// Closes and publishes the open file, if any; on failure its rows go back to the queue.
+    async fn publish(&mut self) -> Result<(), SinkError> {
         let Some(f) = self.current.take() else {
             return Ok(());
         };
@@ -455,6 +563,7 @@ impl ParquetSink {
         match writer.finish().await {
             Ok(_) => {
                 let bytes = writer.bytes_written() as u64;
+                self.held.clear();
                 self.metrics.files_published.fetch_add(1, Ordering::Relaxed);
                 self.metrics
                     .rows_published
@@ -470,12 +579,13 @@ impl ParquetSink {
                 // attempt. Dropping it discards the buffer / staging file; an unfinished S3
                 // multipart upload is left to the bucket's abort-incomplete-uploads rule.
                 drop(writer);
+                self.requeue_held();
                 Err(self.write_err(&name, e))
             }
         }
     }
 
-    /// Publishes the open file and drops the sink.
+    /// Publishes every accepted row and drops the sink.
     pub async fn close(mut self) -> Result<(), SinkError> {
         self.flush().await
     }

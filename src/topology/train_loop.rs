@@ -7,16 +7,17 @@
 //! 2. The step: the next batch (buffered warm-up batches first) trains one ODC step.
 //! 3. [`TrainLoop::publish_embeddings`]: the step's normalised features to the sinks' queue.
 //! 4. [`ProgressWindow`]: one progress line and one history point every `train.log_every`.
-//! 5. [`CheckpointSchedule`]: a checkpoint every N steps or T seconds, and one at the end;
-//!    a Kafka source's offsets are committed once the checkpoint covering them is durable.
+//! 5. [`CheckpointSchedule`]: a checkpoint every N steps or T seconds, and one at the end.
+//!    Each is a barrier: its manifest is written only once the embeddings sinks have published
+//!    every row up to its step (else it fails and is tried again at the next one); a Kafka
+//!    source's offsets are committed once the checkpoint covering them is durable.
 
 use std::collections::{HashSet, VecDeque};
 use std::time::{Duration, Instant};
 
-use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use super::TopologyError;
+use super::{EmbeddingsHandle, SinkMsg, TopologyError};
 use crate::checkpoint::{Checkpoint, CheckpointConfig, CheckpointStore};
 use crate::decode::BatchStream;
 use crate::eval::history::{History, HistoryPoint};
@@ -66,8 +67,8 @@ pub struct LoopStages {
     pub health: Health,
     /// Where checkpoints go (with `settings.checkpoint`).
     pub store: Option<CheckpointStore>,
-    /// The embeddings sinks' bounded queue.
-    pub embeddings: Option<mpsc::Sender<EmbeddingBatch>>,
+    /// The embeddings sinks' bounded queue and checkpoint barrier.
+    pub embeddings: Option<EmbeddingsHandle>,
     /// Kafka source: offsets are committed once a checkpoint covering them is durable.
     pub kafka: Option<KafkaHandle>,
     /// In-daemon evaluation (`[eval]`), on its own thread.
@@ -100,6 +101,9 @@ struct Progress {
     pending: VecDeque<(Batch, SourceState)>,
     /// The source ended.
     ended: bool,
+    /// The first step whose embeddings never reached the sinks (the task stopped, or the
+    /// shutdown wait ran out): no checkpoint may cover it.
+    unqueued_step: Option<u64>,
     summary: RunSummary,
 }
 
@@ -111,6 +115,7 @@ impl TrainLoop {
         let mut p = Progress {
             pending: VecDeque::new(),
             ended: false,
+            unqueued_step: None,
             summary: RunSummary {
                 resumed_from: self.resumed_from,
                 ..RunSummary::default()
@@ -169,7 +174,9 @@ impl TrainLoop {
             s.max_empty_clusters_after_step =
                 s.max_empty_clusters_after_step.max(stats.empty_clusters);
 
-            self.publish_embeddings(&out, &batch);
+            if !self.publish_embeddings(&out, &batch) {
+                p.unqueued_step.get_or_insert(out.step + 1);
+            }
             if let Some(ev) = &self.stages.eval {
                 let trainer = &self.trainer;
                 ev.after_step(trainer.step_count(), || trainer.model().to_safetensors());
@@ -178,14 +185,16 @@ impl TrainLoop {
                 self.log_progress(&out, &stats, &mut window);
             }
             if schedule.due(self.trainer.step_count()) {
-                self.checkpoint(&trained_state, &mut p.summary);
+                // A failed checkpoint is tried again at the next checkpoint moment.
+                self.checkpoint(&trained_state, p.unqueued_step, &mut p.summary);
                 schedule.written(self.trainer.step_count());
             }
         }
         self.stages.health.set_training(false);
-        // Final checkpoint at shutdown (unless nothing was trained since the last one).
+        // Final checkpoint at shutdown (unless nothing was trained since the last one), through
+        // the same barrier.
         if schedule.enabled() && self.trainer.step_count() > schedule.last_step {
-            self.checkpoint(&trained_state, &mut p.summary);
+            self.checkpoint(&trained_state, p.unqueued_step, &mut p.summary);
         }
         if let Some(path) = &self.settings.train.save_weights {
             let bytes = self
@@ -311,13 +320,15 @@ impl TrainLoop {
     }
 
     /// Phase 3: the step's L2-normalised features, its cluster labels and the batch's keys
-    /// to the sinks' bounded queue (a slow sink slows training rather than growing memory).
-    fn publish_embeddings(&self, out: &StepOutput, batch: &Batch) {
+    /// to the sinks' bounded queue (a slow or failing sink slows training rather than growing
+    /// memory). Returns false when the rows could not be queued: the sink task stopped, or a
+    /// stop was requested and the queue stayed full past the checkpoint timeout.
+    fn publish_embeddings(&self, out: &StepOutput, batch: &Batch) -> bool {
         let Some(tx) = &self.stages.embeddings else {
-            return;
+            return true;
         };
         if !out.step.is_multiple_of(self.settings.embed_every) {
-            return;
+            return true;
         }
         let d = self.settings.feat_dim;
         let mut embeddings = out.features.clone();
@@ -331,9 +342,41 @@ impl TrainLoop {
             dim: d,
             embeddings,
         };
-        if tx.blocking_send(rows).is_err() {
-            tracing::error!("embeddings sink stopped; embeddings are no longer published");
+        let (cancel, bound) = (&self.cancel, self.sink_wait());
+        let permit = self.rt.block_on(async {
+            tokio::select! {
+                biased;
+                p = tx.reserve() => p,
+                // Stopping: still wait for the sinks, but bounded, so a dead sink cannot hang
+                // shutdown.
+                _ = cancel.cancelled() => tokio::time::timeout(bound, tx.reserve()).await.ok().flatten(),
+            }
+        });
+        match permit {
+            Some(p) => {
+                p.send(SinkMsg::Rows(rows));
+                true
+            }
+            None => {
+                tracing::error!(
+                    step = out.step + 1,
+                    last_error = ?tx.last_error(),
+                    "embeddings of this step could not be queued for the sinks; no checkpoint will cover them"
+                );
+                false
+            }
         }
+    }
+
+    /// How long a barrier (and, at shutdown, a full queue) may hold the loop:
+    /// `checkpoint.timeout_secs`, or 300 s without checkpoints.
+    fn sink_wait(&self) -> Duration {
+        Duration::from_secs(
+            self.settings
+                .checkpoint
+                .as_ref()
+                .map_or(300, |c| c.timeout_secs),
+        )
     }
 
     /// Phase 4: one history point and one progress line; the window restarts.
@@ -364,21 +407,28 @@ impl TrainLoop {
         *window = ProgressWindow::new();
     }
 
-    /// Phase 5: writes a checkpoint covering `source`; a failure is reported (metric,
-    /// `/readyz`, log), never fatal: training goes on.
-    fn checkpoint(&self, source: &SourceState, summary: &mut RunSummary) {
+    /// Phase 5: writes a checkpoint covering `source`, after the barrier: the embeddings sinks
+    /// first publish every row up to this step (bounded by `checkpoint.timeout_secs`). A
+    /// failure of either is reported (metric, `/readyz`, log), never fatal: training goes on
+    /// and the next checkpoint tries again. `unqueued`: a step whose rows never reached the
+    /// sinks, which no checkpoint may cover.
+    fn checkpoint(&self, source: &SourceState, unqueued: Option<u64>, summary: &mut RunSummary) {
         let (Some(store), Some(c)) = (&self.stages.store, &self.settings.checkpoint) else {
             return;
         };
         let t0 = Instant::now();
-        let res = self.build_checkpoint(source).and_then(|ck| {
-            self.rt
-                .block_on(async {
-                    tokio::time::timeout(Duration::from_secs(c.timeout_secs), store.save(&ck)).await
-                })
-                .map_err(|_| format!("timed out after {} s", c.timeout_secs))
-                .and_then(|r| r.map_err(|e| e.to_string()))
-        });
+        let res = self
+            .barrier(unqueued)
+            .and_then(|()| self.build_checkpoint(source))
+            .and_then(|ck| {
+                self.rt
+                    .block_on(async {
+                        tokio::time::timeout(Duration::from_secs(c.timeout_secs), store.save(&ck))
+                            .await
+                    })
+                    .map_err(|_| format!("timed out after {} s", c.timeout_secs))
+                    .and_then(|r| r.map_err(|e| e.to_string()))
+            });
         let (metrics, health) = (&self.stages.metrics, &self.stages.health);
         match res {
             Ok(m) => {
@@ -411,6 +461,21 @@ impl TrainLoop {
                 health.set_checkpoint(Some(e));
             }
         }
+    }
+
+    /// The checkpoint barrier: `Ok` once every embedding row queued so far is published.
+    fn barrier(&self, unqueued: Option<u64>) -> Result<(), String> {
+        if let Some(step) = unqueued {
+            return Err(format!(
+                "the embeddings of step {step} never reached the sinks; no checkpoint is written past unpublished rows (a restart publishes them again)"
+            ));
+        }
+        let Some(sinks) = &self.stages.embeddings else {
+            return Ok(());
+        };
+        self.rt
+            .block_on(sinks.barrier(self.sink_wait()))
+            .map_err(|e| format!("not written: {e}"))
     }
 
     /// Model, optimizer, memory, source position, config and history as one checkpoint.

@@ -288,3 +288,49 @@ async fn sub_folder_prefix() {
         .to_string_lossy()
         .starts_with("run1-000000000007-000000-"));
 }
+
+/// A store that refuses the publish of a file (and, on roll-over, the next one) must not cost
+/// a row: the abandoned files' rows are written again into new files, each row exactly once,
+/// and nothing partial is ever visible.
+#[tokio::test]
+async fn a_refused_publish_keeps_every_row_for_the_next_attempt() {
+    let dir = tempfile::tempdir().unwrap();
+    let local: Arc<dyn ObjectStore> =
+        Arc::new(object_store::local::LocalFileSystem::new_with_prefix(dir.path()).unwrap());
+    let store = crate::sink::testing::FailingPuts::new(local, 3);
+    let mut sink =
+        ParquetSink::with_store("test://refusing", store.clone(), Path::from(""), cfg(25)).unwrap();
+    let m = sink.metrics();
+    // 5 batches of 8 rows: the 4th fills the first file (25 rows), whose publish is refused;
+    // the 5th writes the kept rows again into a new file, refused too.
+    let mut failed = 0;
+    for s in 0..5u64 {
+        if let Err(e) = sink.write(batch(1 + s, s as usize * 8, 8, 4)).await {
+            assert!(e.is_transient(), "{e}");
+            failed += 1;
+        }
+    }
+    assert_eq!(failed, 2, "the roll-over publish was refused twice");
+    assert!(
+        parquet_files(dir.path()).is_empty(),
+        "nothing published yet"
+    );
+    assert_eq!(sink.unpublished_rows(), 40, "every accepted row is kept");
+    // The third refusal, then the store is back.
+    assert!(sink.flush().await.is_err());
+    assert_eq!(sink.unpublished_rows(), 40);
+    sink.flush().await.unwrap();
+    assert_eq!(sink.unpublished_rows(), 0);
+    assert_eq!(store.refused.load(Ordering::SeqCst), 3);
+    assert_eq!(m.errors.load(Ordering::Relaxed), 3);
+    assert_eq!(m.rows_published.load(Ordering::Relaxed), 40);
+    let mut rows = crate::sink::testing::published_rows(dir.path());
+    rows.sort();
+    let want: Vec<(String, u64)> = (0..40)
+        .map(|i| (format!("shard-0/{i:06}"), 1 + i as u64 / 8))
+        .collect();
+    assert_eq!(
+        rows, want,
+        "every row published exactly once, with its step"
+    );
+}
