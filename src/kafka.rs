@@ -82,5 +82,11 @@ pub fn check_producer(
     options_env: &BTreeMap<String, String>,
 ) -> Result<(), FieldError> {
     check_topic(field, brokers, topic)?;
-    producer_config(brokers, options, options_env, &format!("{field}.options_env")).map(|_| ())
+    producer_config(
+        brokers,
+        options,
+        options_env,
+        &format!("{field}.options_env"),
+    )
+    .map(|_| ())
 }
