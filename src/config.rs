@@ -104,6 +104,7 @@ impl Config {
             model: self.model.clone(),
             num_clusters: self.odc.num_clusters,
             device: self.train.device.clone(),
+            seed: self.train.seed,
             pipeline: self.pipeline.clone(),
         }
     }

@@ -133,6 +133,20 @@ fn in_daemon_eval_exports_knn_metrics() {
         // 10 classes: chance is ~10%; even barely trained ResNet features do far better.
         assert!((0.3..=1.0).contains(&v), "k-NN@{k} top-1 = {v}");
     }
+    // The guard: the same k-NN without training, beside the trained figure.
+    for baseline in ["untrained", "raw_pixels"] {
+        for k in ["5", "20"] {
+            let name = format!("odcd_eval_baseline_knn_top1{{baseline=\"{baseline}\",k=\"{k}\"}}");
+            let v = metric_value(&t.metrics, &name)
+                .unwrap_or_else(|| panic!("no {name} in:\n{}", t.metrics));
+            assert!((0.3..=1.0).contains(&v), "{name} = {v}");
+        }
+    }
+    let below = metric_value(&t.metrics, "odcd_eval_below_untrained");
+    assert!(
+        matches!(below, Some(b) if b == 0.0 || b == 1.0),
+        "{below:?}"
+    );
     assert!(metric_value(&t.metrics, "odcd_eval_last_step").unwrap_or(0.0) >= 2.0);
     assert!(metric_value(&t.metrics, "odcd_eval_seconds").unwrap_or(0.0) > 0.0);
     assert_eq!(
@@ -298,6 +312,10 @@ fn report_renders_offline_in_headless_chromium() {
     // History came back from the checkpoint: loss curve and the in-daemon k-NN curve.
     assert!(!html.contains("no data in this checkpoint"), "empty plots");
     assert!(html.matches("<polyline").count() >= 5, "curves missing");
+    // The untrained network and raw pixels as lines in the k-NN plot.
+    for line in ["untrained k = 5", "raw pixels k = 20"] {
+        assert!(html.contains(line), "no `{line}` series in the k-NN plot");
+    }
     for remote in ["src=\"http", "href=\"http", "url(http", "@import"] {
         assert!(
             !html.contains(remote),

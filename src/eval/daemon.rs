@@ -107,11 +107,36 @@ pub struct LatestEval {
     pub step: u64,
     pub knn: Vec<KnnResult>,
     pub seconds: f64,
+    /// The same k-NN on what a user has without training, measured once on the same sets:
+    /// [`BASELINE_UNTRAINED`] and [`BASELINE_PIXELS`].
+    pub baselines: BTreeMap<String, Vec<KnnResult>>,
+}
+
+/// The network of the run's architecture as initialised from `train.seed`, never trained
+/// (BatchNorm running statistics at their initial 0/1, as `odcd eval --baseline-random`'s
+/// `random_init`).
+pub const BASELINE_UNTRAINED: &str = "untrained";
+/// The eval-transform pixels, flattened (as `odcd eval --baseline-pixels`).
+pub const BASELINE_PIXELS: &str = "raw_pixels";
+
+/// The first k (in `[eval] k` order) at which the trained features score below the
+/// untrained network: `(k, trained top-1, untrained top-1)`.
+pub fn below_untrained(
+    trained: &[KnnResult],
+    baselines: &BTreeMap<String, Vec<KnnResult>>,
+) -> Option<(usize, f64, f64)> {
+    let untrained = baselines.get(BASELINE_UNTRAINED)?;
+    trained.iter().find_map(|t| {
+        let u = untrained.iter().find(|u| u.k == t.k)?;
+        (t.top1 < u.top1).then_some((t.k, t.top1, u.top1))
+    })
 }
 
 #[derive(Clone)]
 struct EvalMetrics {
     knn_top1: GaugeVec,
+    baseline_knn_top1: GaugeVec,
+    below_untrained: IntGauge,
     last_step: IntGauge,
     seconds: Gauge,
     runs: IntCounter,
@@ -128,6 +153,17 @@ impl EvalMetrics {
                     "Weighted k-NN top-1 accuracy (0..1) of the [eval] test set against its train set",
                 ),
                 &["k"],
+            )?,
+            baseline_knn_top1: GaugeVec::new(
+                Opts::new(
+                    "odcd_eval_baseline_knn_top1",
+                    "The same weighted k-NN top-1 without training: the untrained network of the run's architecture and raw pixels (measured once)",
+                ),
+                &["baseline", "k"],
+            )?,
+            below_untrained: IntGauge::new(
+                "odcd_eval_below_untrained",
+                "1 while the latest evaluation scores below the untrained network at some k: training has made the features worse",
             )?,
             last_step: IntGauge::new(
                 "odcd_eval_last_step",
@@ -148,6 +184,8 @@ impl EvalMetrics {
             )?,
         };
         r.register(Box::new(m.knn_top1.clone()))?;
+        r.register(Box::new(m.baseline_knn_top1.clone()))?;
+        r.register(Box::new(m.below_untrained.clone()))?;
         r.register(Box::new(m.last_step.clone()))?;
         r.register(Box::new(m.seconds.clone()))?;
         r.register(Box::new(m.runs.clone()))?;
@@ -181,9 +219,61 @@ struct Worker {
     metrics: EvalMetrics,
     latest: Arc<Mutex<Option<LatestEval>>>,
     sets: Option<(LabelledSet, LabelledSet)>,
+    /// The baselines' k-NN, measured at the first evaluation.
+    baselines: BTreeMap<String, Vec<KnnResult>>,
+}
+
+/// `k-NN@20 81.20%, k-NN@200 78.00%`
+fn knn_summary(knn: &[KnnResult]) -> String {
+    knn.iter()
+        .map(|k| format!("k-NN@{} {:.2}%", k.k, 100.0 * k.top1))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 impl Worker {
+    /// Weighted k-NN of test features against train features (rows L2-normalised here).
+    fn knn(&self, mut ftr: Vec<f32>, mut fte: Vec<f32>, d: usize) -> Vec<KnnResult> {
+        let Some((train, test)) = &self.sets else {
+            return Vec::new();
+        };
+        crate::odc::normalise_rows(&mut ftr, d);
+        crate::odc::normalise_rows(&mut fte, d);
+        let (ytr, yte, classes) = data::dense_labels(&train.labels, &test.labels);
+        knn::weighted_knn(
+            &ftr,
+            &ytr,
+            &fte,
+            &yte,
+            d,
+            classes,
+            &self.ecfg.k,
+            self.ecfg.temperature,
+        )
+    }
+
+    /// The untrained network's and the raw pixels' k-NN on the loaded sets.
+    fn measure_baselines(
+        &self,
+        device: &candle_core::Device,
+    ) -> Result<BTreeMap<String, Vec<KnnResult>>, EvalError> {
+        let Some((train, test)) = &self.sets else {
+            return Err(EvalError::Cancelled);
+        };
+        let batch = self.net.pipeline.batch_size.max(64);
+        let kind = self.ecfg.feature;
+        let untrained = self.net.build(None, self.net.seed, device)?;
+        let (ftr, d) =
+            data::extract_features(&untrained, train, kind, batch, device, Some(&self.cancel))?;
+        let (fte, _) =
+            data::extract_features(&untrained, test, kind, batch, device, Some(&self.cancel))?;
+        let mut out = BTreeMap::new();
+        out.insert(BASELINE_UNTRAINED.to_string(), self.knn(ftr, fte, d));
+        let pixels = self.knn(train.pixels.clone(), test.pixels.clone(), train.per_image());
+        out.insert(BASELINE_PIXELS.to_string(), pixels);
+        Ok(out)
+    }
+
     fn evaluate(&mut self, job: &Job) -> Result<LatestEval, EvalError> {
         let t0 = Instant::now();
         if self.sets.is_none() {
@@ -213,35 +303,36 @@ impl Worker {
             );
             self.sets = Some((train, test));
         }
+        let device = crate::device::select_device(&self.net.device)
+            .map_err(|e| EvalError::model(format!("train.device: {e}")))?;
+        if self.baselines.is_empty() {
+            self.baselines = self.measure_baselines(&device)?;
+            for (name, knn) in &self.baselines {
+                for k in knn {
+                    self.metrics
+                        .baseline_knn_top1
+                        .with_label_values(&[name, &k.k.to_string()])
+                        .set(k.top1);
+                }
+                tracing::info!("evaluation baseline {name}: {}", knn_summary(knn));
+            }
+        }
         let Some((train, test)) = &self.sets else {
             return Err(EvalError::Cancelled);
         };
-        let device = crate::device::select_device(&self.net.device)
-            .map_err(|e| EvalError::model(format!("train.device: {e}")))?;
         let model = self.net.build(Some(&job.weights), 0, &device)?;
         let batch = self.net.pipeline.batch_size.max(64);
         let kind = self.ecfg.feature;
-        let (mut ftr, d) =
+        let (ftr, d) =
             data::extract_features(&model, train, kind, batch, &device, Some(&self.cancel))?;
-        let (mut fte, _) =
+        let (fte, _) =
             data::extract_features(&model, test, kind, batch, &device, Some(&self.cancel))?;
-        crate::odc::normalise_rows(&mut ftr, d);
-        crate::odc::normalise_rows(&mut fte, d);
-        let (ytr, yte, classes) = data::dense_labels(&train.labels, &test.labels);
-        let knn = knn::weighted_knn(
-            &ftr,
-            &ytr,
-            &fte,
-            &yte,
-            d,
-            classes,
-            &self.ecfg.k,
-            self.ecfg.temperature,
-        );
+        let knn = self.knn(ftr, fte, d);
         Ok(LatestEval {
             step: job.step,
             knn,
             seconds: t0.elapsed().as_secs_f64(),
+            baselines: self.baselines.clone(),
         })
     }
 
@@ -261,17 +352,24 @@ impl Worker {
                     self.metrics.last_step.set(r.step as i64);
                     self.metrics.seconds.set(r.seconds);
                     self.metrics.runs.inc();
-                    let summary: Vec<String> = r
-                        .knn
-                        .iter()
-                        .map(|k| format!("k-NN@{} {:.2}%", k.k, 100.0 * k.top1))
-                        .collect();
                     tracing::info!(
                         step = r.step,
                         seconds = format!("{:.1}", r.seconds),
                         "evaluation: {}",
-                        summary.join(", ")
+                        knn_summary(&r.knn)
                     );
+                    match below_untrained(&r.knn, &r.baselines) {
+                        Some((k, t, u)) => {
+                            self.metrics.below_untrained.set(1);
+                            tracing::warn!(
+                                step = r.step,
+                                "training has made the features worse than the untrained network: k-NN@{k} {:.2}% < {:.2}% untrained (see docs/evaluation.md for the settings that matter)",
+                                100.0 * t,
+                                100.0 * u
+                            );
+                        }
+                        None => self.metrics.below_untrained.set(0),
+                    }
                     if let Ok(mut l) = self.latest.lock() {
                         *l = Some(r);
                     }
@@ -315,6 +413,7 @@ impl DaemonEval {
             metrics: metrics.clone(),
             latest: latest.clone(),
             sets: None,
+            baselines: BTreeMap::new(),
         };
         let join = std::thread::Builder::new()
             .name("odcd-eval".into())
@@ -402,6 +501,28 @@ test_url = "data/b/"
 "#,
         )
         .unwrap()
+    }
+
+    #[test]
+    fn the_guard_names_the_first_k_below_the_untrained_network() {
+        let r = |k: usize, top1: f64| KnnResult { k, top1 };
+        let mut baselines = BTreeMap::new();
+        assert_eq!(below_untrained(&[r(20, 0.5)], &baselines), None);
+        baselines.insert(BASELINE_PIXELS.to_string(), vec![r(20, 0.9)]);
+        // raw pixels above the trained features is no alarm of this guard
+        assert_eq!(below_untrained(&[r(20, 0.5)], &baselines), None);
+        baselines.insert(
+            BASELINE_UNTRAINED.to_string(),
+            vec![r(20, 0.8), r(200, 0.7)],
+        );
+        assert_eq!(
+            below_untrained(&[r(20, 0.85), r(200, 0.75)], &baselines),
+            None
+        );
+        assert_eq!(
+            below_untrained(&[r(20, 0.85), r(200, 0.6)], &baselines),
+            Some((200, 0.6, 0.7))
+        );
     }
 
     #[test]

@@ -62,9 +62,23 @@ impl HistoryPoint {
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct History {
     pub points: Vec<HistoryPoint>,
+    /// k-NN top-1 without training, by baseline (`untrained`, `raw_pixels`) then k, as the
+    /// in-daemon evaluation measured them once: the lines the curve must stay above.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub baselines: BTreeMap<String, BTreeMap<String, f64>>,
 }
 
 impl History {
+    /// Keeps the evaluation's baselines (k as a string key, for JSON).
+    pub fn set_baselines(&mut self, baselines: &BTreeMap<String, Vec<super::knn::KnnResult>>) {
+        for (name, knn) in baselines {
+            self.baselines.insert(
+                name.clone(),
+                knn.iter().map(|k| (k.k.to_string(), k.top1)).collect(),
+            );
+        }
+    }
+
     /// The history stored in a checkpoint's `extra` (empty when absent or unreadable: an
     /// older checkpoint, or one not written by `odcd run`).
     pub fn from_extra(extra: &serde_json::Value) -> History {

@@ -148,6 +148,8 @@ pub struct EvalModel {
     pub num_clusters: usize,
     /// `train.device` of the run.
     pub device: String,
+    /// `train.seed` of the run: the untrained baseline is the network it initialised.
+    pub seed: u64,
     /// The run's pipeline: its eval form ([`PipelineConfig::for_eval`]) reads the sets.
     pub pipeline: PipelineConfig,
 }

@@ -394,7 +394,29 @@ table {{ border-collapse: collapse; }} td, th {{ padding: 2px 8px; border-bottom
             ("small".into(), xy(&|p| Some(p.small_clusters as f64))),
         ],
     ));
-    html.push_str(&line_plot("in-daemon k-NN top-1 ([eval])", &knn_series));
+    // What the user has without training, as flat lines over the same steps: the trained
+    // curve belongs above them.
+    let (lo, hi) = knn_series
+        .iter()
+        .flat_map(|(_, v)| v.iter().map(|p| p.0))
+        .fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), x| {
+            (a.min(x), b.max(x))
+        });
+    let mut knn_series = knn_series;
+    if lo.is_finite() {
+        for (name, by_k) in &history.baselines {
+            for k in &ks {
+                if let Some(&y) = by_k.get(k) {
+                    let label = format!("{} k = {k}", name.replace('_', " "));
+                    knn_series.push((label, vec![(lo, y), (hi.max(lo + 1.0), y)]));
+                }
+            }
+        }
+    }
+    html.push_str(&line_plot(
+        "in-daemon k-NN top-1 ([eval]) and the untrained / raw-pixel baselines",
+        &knn_series,
+    ));
     html.push_str("</div>");
 
     // Clusters.

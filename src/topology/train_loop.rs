@@ -381,11 +381,11 @@ impl TrainLoop {
 
     /// Phase 4: one history point and one progress line; the window restarts.
     fn log_progress(&mut self, out: &StepOutput, stats: &MemoryStats, window: &mut ProgressWindow) {
-        self.history.push(HistoryPoint::new(
-            out,
-            stats,
-            self.stages.eval.as_ref().and_then(|e| e.latest()),
-        ));
+        let latest = self.stages.eval.as_ref().and_then(|e| e.latest());
+        if let Some(l) = &latest {
+            self.history.set_baselines(&l.baselines);
+        }
+        self.history.push(HistoryPoint::new(out, stats, latest));
         let images_per_s = window.images_per_second();
         self.stages.metrics.images_per_second.set(images_per_s);
         tracing::info!(
