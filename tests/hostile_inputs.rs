@@ -1216,7 +1216,11 @@ fn checkpoint_loader() {
                 _ => mutate(&mut rng, &mut bytes, &donors),
             }
             std::fs::write(&pristine[i].0, &bytes).unwrap();
-            if i != manifest_idx && bytes != pristine[i].1 {
+        }
+        // Compared at the end: a second damage can undo the first (e.g. a part "reordered"
+        // back into its own place).
+        for &i in &targets {
+            if i != manifest_idx && std::fs::read(&pristine[i].0).unwrap() != pristine[i].1 {
                 changed_parts.push(i);
             }
         }
