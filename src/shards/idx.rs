@@ -57,7 +57,10 @@ pub fn read_idx(path: &std::path::Path) -> Result<Idx, ShardsError> {
         .chunks_exact(4)
         .map(|c| u32::from_be_bytes([c[0], c[1], c[2], c[3]]) as usize)
         .collect();
-    let n: usize = dims.iter().product();
+    // Checked: dimensions from a damaged or hostile header can overflow the product.
+    let Some(n) = dims.iter().try_fold(1usize, |a, &d| a.checked_mul(d)) else {
+        return Err(bad(format!("dims {dims:?} overflow the element count")));
+    };
     if bytes.len() - header != n {
         return Err(bad(format!(
             "dims {dims:?} need {n} data bytes, file has {}; is it truncated?",
@@ -155,4 +158,24 @@ pub async fn import_idx(
         summary.records += end - start;
     }
     Ok(summary)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dims_whose_product_overflows_are_an_error_not_a_panic() {
+        // Three dimensions of 2^32 - 1: the element count overflows usize.
+        let mut v = vec![0, 0, 8, 3];
+        for _ in 0..3 {
+            v.extend(u32::MAX.to_be_bytes());
+        }
+        v.extend([1, 2, 3]);
+        let dir = tempfile::tempdir().expect("tempdir");
+        let p = dir.path().join("overflow.idx");
+        std::fs::write(&p, &v).expect("write");
+        let e = read_idx(&p).expect_err("overflowing dims must be rejected");
+        assert!(e.to_string().contains("overflow"), "{e}");
+    }
 }

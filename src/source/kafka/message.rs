@@ -190,6 +190,37 @@ pub(super) fn message_items<M: Message>(
     }))
 }
 
+/// The items one message becomes, parsed exactly as the source parses it but without a consumer
+/// or a broker: an image message gives one item, a shard message the items of its tar (read
+/// with `max_member_bytes = cfg.max_message_bytes`, as the source does). A seam for tests that
+/// feed hostile keys, headers and payloads (`tests/hostile_inputs.rs`); the source itself goes
+/// through `message_items` and `shard_items`.
+pub fn parse_message<M: Message>(m: &M, cfg: &KafkaSourceConfig) -> Vec<SourceItem> {
+    let registry = prometheus::Registry::new();
+    let Ok(metrics) = crate::source::DataMetrics::register(&registry) else {
+        return Vec::new();
+    };
+    let shared = ConsumerState {
+        format: cfg.message_format,
+        resume: Default::default(),
+        skip: Default::default(),
+        connected: Default::default(),
+        metrics,
+        consumer: Default::default(),
+        split: Default::default(),
+        split_tx: tokio::sync::mpsc::unbounded_channel().0,
+    };
+    match message_items(m, cfg, &shared, &mut MessageCopier::default()) {
+        Parsed::Ready(item) => vec![item],
+        Parsed::Shard(s) => {
+            let opts = ReadOptions {
+                max_member_bytes: cfg.max_message_bytes,
+            };
+            shard_items(&s.payload, &s.topic, s.partition, s.offset, s.skip, &opts)
+        }
+    }
+}
+
 /// Items of a tar shard held in one message, positions rewritten to the message's offset;
 /// the first `skip` items (consumed before a restart) are dropped.
 pub(super) fn shard_items(

@@ -40,4 +40,5 @@ mod tests;
 pub use self::config::{KafkaSourceConfig, MessageFormat, StartFrom};
 pub use self::group::PartitionMark;
 pub use self::handle::KafkaHandle;
+pub use self::message::parse_message;
 pub use self::reader::KafkaSource;
