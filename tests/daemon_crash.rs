@@ -274,7 +274,7 @@ impl Crash {
                         .into_iter()
                         .find(|e| e.starts_with("step-") && !before.contains(e))
                 });
-                let ms = rng.range(0, 400);
+                let ms = rng.range(0, 250);
                 std::thread::sleep(Duration::from_millis(ms));
                 d.signal("-KILL");
                 let manifest = self.ck.join("manifests").join(format!("{new}.json"));
