@@ -255,11 +255,17 @@ pub struct KafkaSinkCounters {
 struct InFlight {
     fut: DeliveryFuture,
     attempts: u32,
+    /// Which producer sent it (see [`KafkaSink::replace_if_fatal`]).
+    producer: u64,
 }
 
 /// Embeddings to a topic through an idempotent (optionally transactional) producer.
 pub struct KafkaSink {
     producer: FutureProducer,
+    /// Producers replaced after a fatal error, kept until their delivery reports are in.
+    retired: Vec<FutureProducer>,
+    /// Producers started so far, minus one.
+    generation: u64,
     cfg: KafkaSinkConfig,
     /// Key = sample key + `@` + model version (`odcd embed`) instead of the sample key.
     versioned_keys: bool,
@@ -281,6 +287,21 @@ impl KafkaSink {
         transactional: bool,
     ) -> Result<Self, SinkError> {
         cfg.validate("embeddings.kafka")?;
+        let producer = Self::producer(cfg, transactional)?;
+        Ok(KafkaSink {
+            producer,
+            retired: Vec::new(),
+            generation: 0,
+            cfg: cfg.clone(),
+            versioned_keys,
+            transactional,
+            inflight: VecDeque::new(),
+            counters: Default::default(),
+            resend_forever: false,
+        })
+    }
+
+    fn producer(cfg: &KafkaSinkConfig, transactional: bool) -> Result<FutureProducer, SinkError> {
         let mut cc = producer_config(
             &cfg.brokers,
             &cfg.options,
@@ -296,20 +317,11 @@ impl KafkaSink {
             });
             cc.set("transactional.id", id);
         }
-        let producer: FutureProducer = cc.create().map_err(|e| {
+        cc.create().map_err(|e| {
             SinkError::Config(FieldError::new(
                 "embeddings.kafka.options",
                 format!("librdkafka refused the producer config: {e}"),
             ))
-        })?;
-        Ok(KafkaSink {
-            producer,
-            cfg: cfg.clone(),
-            versioned_keys,
-            transactional,
-            inflight: VecDeque::new(),
-            counters: Default::default(),
-            resend_forever: false,
         })
     }
 
@@ -414,7 +426,11 @@ impl KafkaSink {
                 .headers(headers.take().unwrap_or_default());
             match self.producer.send_result(rec) {
                 Ok(fut) => {
-                    self.inflight.push_back(InFlight { fut, attempts });
+                    self.inflight.push_back(InFlight {
+                        fut,
+                        attempts,
+                        producer: self.generation,
+                    });
                     break;
                 }
                 Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), rec)) => {
@@ -424,6 +440,13 @@ impl KafkaSink {
                     } else {
                         tokio::time::sleep(Duration::from_millis(5)).await;
                     }
+                }
+                // A producer that hit a fatal error refuses every record: start a new one.
+                Err((e, rec))
+                    if self.resend_forever && self.producer.client().fatal_error().is_some() =>
+                {
+                    headers = rec.headers;
+                    self.replace_if_fatal(&e, self.generation)?;
                 }
                 Err((e, _)) => {
                     return Err(kerr(
@@ -440,16 +463,49 @@ impl KafkaSink {
     /// delivery future touches state the producer's thread writes, which per record cost more
     /// than the send itself).
     async fn reap(&mut self) -> Result<(), SinkError> {
+        if self.inflight.is_empty() {
+            self.retired.clear();
+        }
         while let Some(front) = self.inflight.front_mut() {
             match (&mut front.fut).now_or_never() {
                 None => break,
                 Some(res) => {
-                    let attempts = front.attempts;
+                    let (attempts, producer) = (front.attempts, front.producer);
                     self.inflight.pop_front();
-                    self.settled(res, attempts).await?;
+                    self.settled(res, attempts, producer).await?;
                 }
             }
         }
+        Ok(())
+    }
+
+    /// An idempotent producer that hit a fatal error (e.g. fenced by the broker after its
+    /// records timed out during an outage) fails every send for good: re-sending on it would
+    /// hold the checkpoint barrier for ever. Start a new producer (a new producer id) instead;
+    /// the old one is kept until its outstanding reports have come back.
+    /// `producer`: the generation that sent the failed record (one replacement per producer).
+    fn replace_if_fatal(&mut self, e: &KafkaError, producer: u64) -> Result<(), SinkError> {
+        let fenced = matches!(
+            e.rdkafka_error_code(),
+            Some(
+                RDKafkaErrorCode::ProducerFenced
+                    | RDKafkaErrorCode::InvalidProducerEpoch
+                    | RDKafkaErrorCode::Fatal
+            )
+        );
+        if producer != self.generation
+            || !(fenced || self.producer.client().fatal_error().is_some())
+        {
+            return Ok(());
+        }
+        tracing::warn!(
+            topic = %self.cfg.topic,
+            "kafka sink: the producer cannot send any more ({e}); starting a new one"
+        );
+        self.generation += 1;
+        let fresh = Self::producer(&self.cfg, self.transactional)?;
+        self.retired
+            .push(std::mem::replace(&mut self.producer, fresh));
         Ok(())
     }
 
@@ -459,7 +515,7 @@ impl KafkaSink {
             return Ok(());
         };
         let res = f.fut.await;
-        self.settled(res, f.attempts).await
+        self.settled(res, f.attempts, f.producer).await
     }
 
     async fn settled(
@@ -469,6 +525,7 @@ impl KafkaSink {
             futures::channel::oneshot::Canceled,
         >,
         attempts: u32,
+        producer: u64,
     ) -> Result<(), SinkError> {
         use std::sync::atomic::Ordering::Relaxed;
         match res {
@@ -490,6 +547,7 @@ impl KafkaSink {
                         "kafka sink: delivery failed ({e}); re-sending after a pause (nothing is dropped)"
                     );
                     tokio::time::sleep(pause).await;
+                    self.replace_if_fatal(&e, producer)?;
                     let (key, payload, headers) = parts(&msg);
                     Box::pin(self.send(&key, &payload, headers, attempts.saturating_add(1))).await
                 } else if attempts < self.cfg.delivery_retries && !self.transactional {
@@ -610,6 +668,50 @@ fn parts(m: &OwnedMessage) -> (Vec<u8>, Vec<u8>, OwnedHeaders) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A producer that hit a fatal error (what an idempotent producer gets when the broker
+    /// fences it after an outage) fails every send for good; the sink of `odcd run` replaces
+    /// it and delivers every record instead of re-sending on it for ever.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_fatal_producer_error_is_ridden_out_with_a_new_producer() {
+        let mock = rdkafka::mocking::MockCluster::new(1).expect("mock cluster");
+        mock.create_topic("out", 1, 1).expect("topic");
+        let mut cfg = KafkaSinkConfig::new(&mock.bootstrap_servers(), "out");
+        cfg.delivery_retries = 0;
+        let mut sink = KafkaSink::open(&cfg, false, false).expect("sink");
+        sink.resend_forever(true);
+        let reason = std::ffi::CString::new("fenced by the test").expect("reason");
+        // SAFETY: the client pointer is valid while `sink` lives, and `reason` outlives the
+        // call; librdkafka copies it.
+        unsafe {
+            rdkafka::bindings::rd_kafka_test_fatal_error(
+                sink.producer.client().native_ptr(),
+                rdkafka::types::RDKafkaRespErr::RD_KAFKA_RESP_ERR_PRODUCER_FENCED,
+                reason.as_ptr(),
+            );
+        }
+        assert!(sink.producer.client().fatal_error().is_some());
+        let batch = EmbeddingBatch {
+            keys: vec!["a".into(), "b".into()],
+            step: 1,
+            model_version: "step-000000000001".into(),
+            clusters: vec![Some(0), Some(1)],
+            class_labels: vec![None, None],
+            dim: 2,
+            embeddings: vec![1.0, 0.0, 0.0, 1.0],
+        };
+        let delivered = tokio::time::timeout(Duration::from_secs(30), async {
+            sink.write(&batch).await?;
+            sink.flush().await
+        })
+        .await
+        .expect("delivered within 30 s, not re-sent on the dead producer for ever")
+        .expect("flush");
+        assert_eq!(delivered, 0, "nothing failed for good");
+        let c = sink.counters();
+        assert_eq!(c.delivered.load(std::sync::atomic::Ordering::Relaxed), 2);
+        assert!(sink.producer.client().fatal_error().is_none());
+    }
 
     #[test]
     fn binary_value_follows_the_documented_layout() {
