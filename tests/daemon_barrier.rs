@@ -9,7 +9,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 use std::time::Duration;
 
-use arrow_array::{Array, StringArray, UInt64Array};
+use common::data::add_parquet_rows;
 use odcd::checkpoint::CheckpointStore;
 
 const BATCH: usize = 16;
@@ -45,24 +45,7 @@ fn keys_per_step(dir: &Path) -> BTreeMap<u64, BTreeSet<String>> {
                 stack.push(p);
                 continue;
             }
-            let f = std::fs::File::open(&p).expect("open");
-            let reader = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(f)
-                .unwrap_or_else(|e| panic!("{} is not a whole Parquet file: {e}", p.display()))
-                .build()
-                .expect("reader");
-            for b in reader {
-                let b = b.expect("batch");
-                let keys = b.column(0).as_any().downcast_ref::<StringArray>();
-                let steps = b.column(1).as_any().downcast_ref::<UInt64Array>();
-                let (Some(keys), Some(steps)) = (keys, steps) else {
-                    panic!("{}: unexpected columns", p.display());
-                };
-                for i in 0..keys.len() {
-                    out.entry(steps.value(i))
-                        .or_default()
-                        .insert(keys.value(i).to_string());
-                }
-            }
+            add_parquet_rows(&p, &mut out);
         }
     }
     out

@@ -14,7 +14,7 @@ use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use arrow_array::{Array, StringArray, UInt64Array};
+use common::data::add_parquet_rows;
 use odcd::checkpoint::CheckpointStore;
 use odcd::sink::kafka::decode_binary;
 
@@ -150,24 +150,7 @@ fn parquet_rows(dir: &Path) -> (BTreeMap<u64, BTreeSet<String>>, Vec<String>) {
             others.push(name);
             continue;
         }
-        let f = std::fs::File::open(&p).expect("open");
-        let reader = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(f)
-            .unwrap_or_else(|e| panic!("{} is not a whole Parquet file: {e}", p.display()))
-            .build()
-            .expect("reader");
-        for b in reader {
-            let b = b.unwrap_or_else(|e| panic!("{} does not read completely: {e}", p.display()));
-            let keys = b.column(0).as_any().downcast_ref::<StringArray>();
-            let steps = b.column(1).as_any().downcast_ref::<UInt64Array>();
-            let (Some(keys), Some(steps)) = (keys, steps) else {
-                panic!("{}: unexpected columns", p.display());
-            };
-            for i in 0..keys.len() {
-                rows.entry(steps.value(i))
-                    .or_default()
-                    .insert(keys.value(i).to_string());
-            }
-        }
+        add_parquet_rows(&p, &mut rows);
     }
     (rows, others)
 }

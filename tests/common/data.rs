@@ -196,3 +196,31 @@ impl Shard {
         std::fs::write(path, bytes).unwrap_or_else(|e| panic!("write {}: {e}", path.display()));
     }
 }
+
+/// Adds the (step → keys) of every row of the Parquet embeddings file `path` to `rows`;
+/// panics when the file is not a whole Parquet file or does not read completely (a partial
+/// or staging file left visible under a final name).
+pub fn add_parquet_rows(
+    path: &Path,
+    rows: &mut std::collections::BTreeMap<u64, std::collections::BTreeSet<String>>,
+) {
+    use arrow_array::{Array, StringArray, UInt64Array};
+    let f = std::fs::File::open(path).expect("open");
+    let reader = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(f)
+        .unwrap_or_else(|e| panic!("{} is not a whole Parquet file: {e}", path.display()))
+        .build()
+        .expect("reader");
+    for b in reader {
+        let b = b.unwrap_or_else(|e| panic!("{} does not read completely: {e}", path.display()));
+        let keys = b.column(0).as_any().downcast_ref::<StringArray>();
+        let steps = b.column(1).as_any().downcast_ref::<UInt64Array>();
+        let (Some(keys), Some(steps)) = (keys, steps) else {
+            panic!("{}: unexpected columns", path.display());
+        };
+        for i in 0..keys.len() {
+            rows.entry(steps.value(i))
+                .or_default()
+                .insert(keys.value(i).to_string());
+        }
+    }
+}
