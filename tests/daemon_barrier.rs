@@ -127,13 +127,12 @@ fn a_refusing_parquet_location_holds_checkpoints_until_it_recovers() {
     let cfg = dir.path().join("odcd.toml");
     std::fs::write(&cfg, test_config(&fixture_url(), port, &extra)).expect("config");
     let mut d = Daemon::start(&cfg, &dir.path().join("run.log"));
-    let body = wait_until("a checkpoint failure", Duration::from_secs(240), || {
-        if let Ok(Some(st)) = d.child.try_wait() {
-            panic!("daemon exited ({st}); log:\n{}", d.log_text());
-        }
-        let (_, body) = http_get(port, "/metrics")?;
-        (metric_value(&body, "odcd_checkpoint_failures_total")? >= 1.0).then_some(body)
-    });
+    let body = d.wait_metric(
+        port,
+        "odcd_checkpoint_failures_total",
+        1.0,
+        Duration::from_secs(240),
+    );
     assert_eq!(metric_value(&body, "odcd_checkpoints_total"), Some(0.0));
     assert!(
         manifests(&ck).is_empty(),

@@ -233,13 +233,12 @@ fn failing_checkpoint_storage_is_reported_and_recovers() {
     let cfg = dir.path().join("odcd.toml");
     std::fs::write(&cfg, test_config(&fixture_url(), port, &extra)).expect("write config");
     let mut d = Daemon::start(&cfg, &dir.path().join("run.log"));
-    let body = wait_until("a checkpoint failure", Duration::from_secs(240), || {
-        if let Ok(Some(st)) = d.child.try_wait() {
-            panic!("daemon exited ({st}); log:\n{}", d.log_text());
-        }
-        let (_, body) = http_get(port, "/metrics")?;
-        (metric_value(&body, "odcd_checkpoint_failures_total")? >= 1.0).then_some(body)
-    });
+    let body = d.wait_metric(
+        port,
+        "odcd_checkpoint_failures_total",
+        1.0,
+        Duration::from_secs(240),
+    );
     let steps_then = metric_value(&body, "odcd_train_steps_total").unwrap_or(0.0);
     let (code, why) = http_get(port, "/readyz").expect("readyz");
     assert_eq!(code, 503, "readyz while checkpoints fail: {why}");

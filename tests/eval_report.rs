@@ -83,17 +83,7 @@ k = [5, 20]
         );
         std::fs::write(&cfg, config).expect("write config");
         let mut d = Daemon::start(&cfg, &root.join("odcd.log"));
-        let metrics = wait_until(
-            "an in-daemon evaluation (odcd_eval_runs_total >= 1)",
-            Duration::from_secs(600),
-            || {
-                if let Ok(Some(st)) = d.child.try_wait() {
-                    panic!("odcd exited early ({st}); log:\n{}", d.log_text());
-                }
-                let (_, body) = http_get(port, "/metrics")?;
-                (metric_value(&body, "odcd_eval_runs_total")? >= 1.0).then_some(body)
-            },
-        );
+        let metrics = d.wait_metric(port, "odcd_eval_runs_total", 1.0, Duration::from_secs(600));
         // Let a few more progress points (with the k-NN figure) reach the history.
         let step_now = metric_value(&metrics, "odcd_train_step").unwrap_or(0.0);
         wait_until("two more steps", Duration::from_secs(300), || {

@@ -113,6 +113,18 @@ pub struct Daemon {
 }
 
 impl Daemon {
+    /// Waits until `/metrics` on `port` shows `series` ≥ `min` and returns that scrape;
+    /// panics with the daemon's log if it exits first.
+    pub fn wait_metric(&mut self, port: u16, series: &str, min: f64, timeout: Duration) -> String {
+        wait_until(&format!("{series} >= {min}"), timeout, || {
+            if let Ok(Some(st)) = self.child.try_wait() {
+                panic!("daemon exited ({st}); log:\n{}", self.log_text());
+            }
+            let (_, body) = http_get(port, "/metrics")?;
+            (metric_value(&body, series)? >= min).then_some(body)
+        })
+    }
+
     pub fn start(config: &Path, log: &Path) -> Daemon {
         let out = std::fs::File::create(log).expect("create log file");
         let child = Command::new(odcd_bin())
