@@ -5,8 +5,10 @@
 //!
 //! candle 0.11's own CPU backward goes through `conv_transpose2d` and a transposed conv2d
 //! for the weight gradient, which dominated the training step (see README, "Training
-//! throughput"). On other devices [`conv2d`] falls back to candle's `conv2d`, so CUDA keeps
-//! candle's (cuDNN) kernels and autograd.
+//! throughput"). On other devices [`conv2d`] falls back to candle's `conv2d` and autograd. On
+//! CUDA that is candle's im2col + cuBLAS forward; odcd does not enable candle's `cudnn`
+//! feature, and even with it candle's conv backward is `conv_transpose2d` (its naive CUDA
+//! kernel) for the input gradient and an im2col conv2d for the weight gradient.
 //!
 //! Layouts: the input is NCHW, the weight (C_out, C_in, k_h, k_w). The column matrix is
 //! (C_in·k_h·k_w) × (N·H_out·W_out), row-major, so every GEMM covers the whole batch (the

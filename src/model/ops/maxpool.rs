@@ -1,10 +1,17 @@
 //! Padded, overlapping max-pool (the ResNet stem's 3×3 stride-2 pad-1) with a backward pass.
 //!
-//! candle 0.11 has neither padding for max-pool nor a backward for overlapping windows, so
-//! this is a `CustomOp1` that keeps the argmax of every window (first maximum wins, as
-//! PyTorch) for its backward, a second custom op that scatters the gradient there. CPU kernels run on rayon
-//! over (N·C) planes. On other devices the forward falls back to candle ops (valid for the
-//! non-negative input the stem feeds it, after ReLU).
+//! candle 0.11 has neither padding for max-pool nor a backward for overlapping windows
+//! (`max_pool2d` refuses its backward when kernel ≠ stride). Two forms here:
+//!
+//! - the CPU kernel: a `CustomOp1` that keeps the argmax of every window (first maximum wins,
+//!   as PyTorch) for its backward, a second custom op that scatters the gradient there. Runs
+//!   on rayon over (N·C) planes.
+//! - the generic form ([`MaxPool2d::forward_generic`]), for any device: −∞ padding, then a
+//!   separable max (along W, then along H) over the k taps, each tap a strided view taken
+//!   with `reshape` + `narrow`, combined with `maximum`. Every op in it has a backward in
+//!   candle. Where taps tie, `maximum` splits the gradient between them instead of giving it
+//!   all to the first; behind a ReLU the only ties are exact zeros, whose gradient the ReLU
+//!   drops anyway.
 
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Shape, Tensor};
 use rayon::prelude::*;
@@ -43,7 +50,8 @@ impl MaxPool2d {
         Ok((padded - self.kernel) / self.stride + 1)
     }
 
-    /// Forward with backward support. Input (N, C, H, W) f32.
+    /// Forward with backward support. Input (N, C, H, W) f32: the CPU kernel on CPU, the
+    /// generic form elsewhere.
     pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         if x.device().is_cpu() {
             x.contiguous()?.apply_op1(MaxPoolOp {
@@ -56,12 +64,59 @@ impl MaxPool2d {
         }
     }
 
-    /// Device-agnostic path: zero padding (the input is non-negative after ReLU) followed
-    /// by candle's max-pool. Used on CUDA.
-    fn forward_generic(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let p = self.padding;
-        let x = x.pad_with_zeros(2, p, p)?.pad_with_zeros(3, p, p)?;
-        x.max_pool2d_with_stride(self.kernel, self.stride)
+    /// Device-generic max-pool of (N, C, H, W), any input sign, with a backward on every
+    /// device (see the module comment).
+    pub fn forward_generic(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let (_, _, h, w) = x.dims4()?;
+        let (ho, wo) = (self.out_size(h)?, self.out_size(w)?);
+        let y = self.max_along(x, 3, w, wo)?;
+        self.max_along(&y, 2, h, ho)
+    }
+
+    /// Max over the kernel taps along `dim` (of size `n`, giving `n_out`): −∞ padding, then
+    /// tap t of output i is padded index i·s + t. With the padded length a multiple of s,
+    /// G·s, and the dim reshaped to (G, s), that index is (i + t / s, t % s): tap t is the
+    /// view narrow(G: t / s, n_out) × narrow(s: t % s, 1).
+    fn max_along(
+        &self,
+        x: &Tensor,
+        dim: usize,
+        n: usize,
+        n_out: usize,
+    ) -> candle_core::Result<Tensor> {
+        let (k, s, p) = (self.kernel, self.stride, self.padding);
+        // enough groups for the input plus left padding and for the last tap of the last output
+        let groups = (p + n).div_ceil(s).max((k - 1) / s + n_out);
+        let right = groups * s - p - n;
+        let pad = |len: usize| -> candle_core::Result<Option<Tensor>> {
+            if len == 0 {
+                return Ok(None);
+            }
+            let mut dims = x.dims().to_vec();
+            dims[dim] = len;
+            let t = Tensor::full(f32::NEG_INFINITY, dims, x.device())?;
+            Ok(Some(t.to_dtype(x.dtype())?))
+        };
+        let (left, right) = (pad(p)?, pad(right)?);
+        let parts: Vec<&Tensor> = [left.as_ref(), Some(x), right.as_ref()]
+            .into_iter()
+            .flatten()
+            .collect();
+        let padded = Tensor::cat(&parts, dim)?;
+        let mut grouped = padded.dims().to_vec();
+        grouped.splice(dim..=dim, [groups, s]);
+        let grouped = padded.reshape(grouped)?;
+        let tap = |t: usize| -> candle_core::Result<Tensor> {
+            grouped
+                .narrow(dim + 1, t % s, 1)?
+                .narrow(dim, t / s, n_out)?
+                .squeeze(dim + 1)
+        };
+        let mut acc = tap(0)?;
+        for t in 1..k {
+            acc = acc.maximum(&tap(t)?)?;
+        }
+        Ok(acc)
     }
 
     /// Index (within the input plane) and value of the maximum of every window; index -1
@@ -264,7 +319,7 @@ impl CustomOp2 for MaxPool2dBackward {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use candle_core::{Device, Var};
+    use candle_core::{DType, Device, Var};
     use rand::{Rng, SeedableRng};
 
     /// Naive reference: values and the gradient of sum(out * g) by finite reasoning
@@ -363,12 +418,58 @@ mod tests {
     }
 
     #[test]
-    fn generic_path_agrees_on_nonnegative_input() -> candle_core::Result<()> {
-        let x = Tensor::rand(0f32, 1f32, (2, 4, 9, 10), &Device::Cpu)?;
-        let mp = MaxPool2d::new(3, 2, 1);
-        let a = mp.forward(&x)?.flatten_all()?.to_vec1::<f32>()?;
-        let b = mp.forward_generic(&x)?.flatten_all()?.to_vec1::<f32>()?;
-        assert_eq!(a, b);
+    fn generic_form_matches_naive_forward_and_backward() -> candle_core::Result<()> {
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(5);
+        for &(k, s, p) in &[
+            (3, 2, 1),
+            (2, 2, 0),
+            (3, 1, 1),
+            (3, 2, 0),
+            (5, 3, 2),
+            (3, 3, 1),
+        ] {
+            for &(h, w) in &[(7usize, 5usize), (8, 8), (5, 9), (16, 16)] {
+                let (n, c) = (2, 3);
+                // continuous values of both signs: no ties, and −∞ padding is needed
+                let xs: Vec<f32> = (0..n * c * h * w)
+                    .map(|_| rng.random_range(-2.0f32..2.0))
+                    .collect();
+                let mp = MaxPool2d::new(k, s, p);
+                let x =
+                    Var::from_tensor(&Tensor::from_vec(xs.clone(), (n, c, h, w), &Device::Cpu)?)?;
+                let out = mp.forward_generic(x.as_tensor())?;
+                let (_, _, ho, wo) = out.dims4()?;
+                let gs: Vec<f32> = (0..n * c * ho * wo).map(|_| rng.random::<f32>()).collect();
+                let gt = Tensor::from_vec(gs.clone(), (n, c, ho, wo), &Device::Cpu)?;
+                let grads = (out.clone() * gt)?.sum_all()?.backward()?;
+                let gx = grads
+                    .get(x.as_tensor())
+                    .expect("grad exists")
+                    .flatten_all()?
+                    .to_vec1::<f32>()?;
+                let (eo, eg) = naive(&xs, n, c, h, w, mp, &gs);
+                let what = format!("k{k} s{s} p{p} {h}x{w}");
+                assert_eq!(out.flatten_all()?.to_vec1::<f32>()?, eo, "forward {what}");
+                for (a, b) in gx.iter().zip(eg.iter()) {
+                    assert!((a - b).abs() < 1e-5, "backward {what}: {a} vs {b}");
+                }
+            }
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn generic_form_splits_tied_gradients_but_keeps_their_sum() -> candle_core::Result<()> {
+        // one 2×2 window of equal values: PyTorch (and the CPU kernel) give its first element
+        // the whole gradient; `maximum` shares it. What reaches anything upstream of a tie
+        // that a ReLU produced (exact zeros) is zero in both cases.
+        let x = Var::from_tensor(&Tensor::zeros((1, 1, 2, 2), DType::F32, &Device::Cpu)?)?;
+        let y = MaxPool2d::new(2, 2, 0).forward_generic(x.as_tensor())?;
+        let g = y.sum_all()?.backward()?;
+        let gx = g.get(x.as_tensor()).expect("grad").flatten_all()?;
+        let gx = gx.to_vec1::<f32>()?;
+        assert_eq!(gx.iter().sum::<f32>(), 1.0);
+        assert!(gx.iter().all(|&v| v > 0.0), "{gx:?}");
         Ok(())
     }
 

@@ -1,6 +1,7 @@
 //! The CPU kernels behind the model, kept apart from it (as candle keeps its backends apart
 //! from its models): candle custom ops with hand-written backwards for the f32 CPU training
-//! step. On other devices each op falls back to candle's own.
+//! step. Off the CPU, and with `train.kernels = "generic"`, the model takes the generic path
+//! instead (candle ops, see `model/mod.rs`).
 //!
 //! - `conv.rs`: the conv2d custom ops (im2col + GEMM forward, two GEMMs + col2im backward),
 //!   [`conv2d`] and `conv2d_param`.
