@@ -264,6 +264,21 @@ mod tests {
             e.as_deref().is_some_and(|m| m.contains("train.device")),
             "{e:?}"
         );
+        let bad = QUICKSTART.replace("kernels = \"auto\"", "kernels = \"fast\"");
+        let e = Config::from_toml(&bad, "x.toml")
+            .err()
+            .map(|e| e.to_string());
+        assert!(
+            e.as_deref()
+                .is_some_and(|m| m.contains("train.kernels") && m.contains("`fast`")),
+            "{e:?}"
+        );
+        let generic = QUICKSTART.replace("kernels = \"auto\"", "kernels = \"generic\"");
+        let cfg = Config::from_toml(&generic, "x.toml").map_err(|e| e.to_string());
+        assert_eq!(
+            cfg.map(|c| c.train.kernels().ok()),
+            Ok(Some(crate::device::Kernels::Generic))
+        );
         let bad = QUICKSTART.replace("batch_size = 64", "batch_size = 0");
         let e = Config::from_toml(&bad, "x.toml")
             .err()

@@ -1,4 +1,5 @@
-//! Compute device selection from config: `cpu`, `cuda:N` or `auto`.
+//! Compute device selection from config (`cpu`, `cuda:N` or `auto`), and which kernels the
+//! training step runs on it (`auto` or `generic`).
 
 use candle_core::Device;
 
@@ -13,6 +14,37 @@ pub enum DeviceError {
         index: usize,
         source: candle_core::Error,
     },
+}
+
+/// Which implementation the training step's layers use (config `train.kernels`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Kernels {
+    /// odcd's own kernels (hand-written backwards) on f32 CPU tensors, the generic path on
+    /// any other device.
+    #[default]
+    Auto,
+    /// The generic path everywhere: candle ops that all have a backward on every device.
+    /// On CPU it is slower; it exists to run (and test) on CPU what a GPU runs.
+    Generic,
+}
+
+impl Kernels {
+    /// Parses the config value; the error says what is allowed.
+    pub fn parse(spec: &str) -> Result<Self, String> {
+        match spec.trim() {
+            "auto" => Ok(Kernels::Auto),
+            "generic" => Ok(Kernels::Generic),
+            other => Err(format!(
+                "is `{other}`: use \"auto\" (odcd's CPU kernels on CPU, the generic path \
+                 elsewhere) or \"generic\" (the generic path everywhere)"
+            )),
+        }
+    }
+
+    /// Whether odcd's CPU kernels may run on `device`.
+    pub fn cpu_kernels_on(self, device: &Device) -> bool {
+        self == Kernels::Auto && device.is_cpu()
+    }
 }
 
 /// Parses a device spec and opens the device. `auto` picks CUDA device 0 when this build
@@ -50,6 +82,16 @@ pub fn select_device(spec: &str) -> Result<Device, DeviceError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn parses_kernel_choices() {
+        assert_eq!(Kernels::parse("auto"), Ok(Kernels::Auto));
+        assert_eq!(Kernels::parse(" generic "), Ok(Kernels::Generic));
+        let e = Kernels::parse("cuda").err().unwrap_or_default();
+        assert!(e.contains("`cuda`") && e.contains("\"generic\""), "{e}");
+        assert!(Kernels::Auto.cpu_kernels_on(&Device::Cpu));
+        assert!(!Kernels::Generic.cpu_kernels_on(&Device::Cpu));
+    }
 
     #[test]
     fn parses_specs() {

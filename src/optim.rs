@@ -10,6 +10,8 @@ use candle_core::backprop::GradStore;
 use candle_core::{Tensor, Var};
 use serde::{Deserialize, Serialize};
 
+use crate::device::Kernels;
+
 #[derive(Debug, thiserror::Error)]
 pub enum OptimError {
     #[error(transparent)]
@@ -335,6 +337,7 @@ struct Slot {
 pub struct Sgd {
     cfg: SgdConfig,
     slots: BTreeMap<String, Slot>,
+    kernels: Kernels,
 }
 
 impl Sgd {
@@ -356,11 +359,21 @@ impl Sgd {
                 },
             );
         }
-        Ok(Sgd { cfg, slots })
+        Ok(Sgd {
+            cfg,
+            slots,
+            kernels: Kernels::Auto,
+        })
     }
 
     pub fn config(&self) -> &SgdConfig {
         &self.cfg
+    }
+
+    /// `Auto`: the fused in-place update on f32 CPU tensors, candle ops elsewhere;
+    /// `Generic`: candle ops everywhere (what a GPU runs).
+    pub fn set_kernels(&mut self, kernels: Kernels) {
+        self.kernels = kernels;
     }
 
     /// One update with the learning rate of `step`. Parameters without a gradient are left
@@ -372,7 +385,7 @@ impl Sgd {
                 continue;
             };
             let p = slot.var.as_tensor();
-            if fused::applies(p, g) {
+            if self.kernels == Kernels::Auto && fused::applies(p, g) {
                 fused::step(slot, g, lr)?;
             } else {
                 step_generic(slot, g, lr)?;

@@ -16,7 +16,7 @@ use crate::source::{DataMetrics, RejectReason};
 use crate::topology::resume::{resume_latest, Resumed};
 use crate::topology::train_loop::{LoopSettings, LoopStages, RunSummary, TrainLoop};
 use crate::topology::{self, EmbeddingsTask, TopologyError};
-use crate::train::{TrainMetrics, Trainer};
+use crate::train::{TrainError, TrainMetrics, Trainer};
 
 #[derive(Debug, clap::Args)]
 pub struct RunArgs {
@@ -69,13 +69,24 @@ pub async fn run(cfg: Config, cancel: CancellationToken) -> Result<RunSummary, T
         tracing::info!("metrics on http://{addr}/metrics (also /healthz, /readyz)");
     }
 
+    let kernels = cfg.train.kernels().map_err(TrainError::from)?;
     let mut trainer = Trainer::new(
         &cfg.model,
         &cfg.odc,
         &cfg.optimizer,
         &device,
+        kernels,
         cfg.train.seed,
     )?;
+    tracing::info!(
+        device = ?device,
+        kernels = if kernels.cpu_kernels_on(&device) {
+            "odcd CPU kernels"
+        } else {
+            "generic"
+        },
+        "training path"
+    );
 
     // Resume: model, optimizer, memory, step and source positions from the latest valid
     // checkpoint.

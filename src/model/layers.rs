@@ -6,7 +6,7 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 use super::ops::{batch_norm_train_cpu, conv2d_param};
-use super::params::{BnMomentumOverride, Buffer, ParamStore, WeightGrads};
+use super::params::{BnMomentumOverride, Buffer, KernelChoice, ParamStore, WeightGrads};
 use super::ModelError;
 
 /// 2-D convolution without bias (ResNet convs are always followed by BatchNorm).
@@ -16,6 +16,7 @@ pub struct Conv2d {
     stride: usize,
     padding: usize,
     weight_grads: WeightGrads,
+    kernels: KernelChoice,
 }
 
 impl Conv2d {
@@ -34,17 +35,25 @@ impl Conv2d {
             stride,
             padding,
             weight_grads: ps.weight_grads().clone(),
+            kernels: ps.kernel_choice().clone(),
         })
     }
 
+    /// odcd's CPU conv kernels on f32 CPU tensors with `auto` kernels; candle's `conv2d`
+    /// otherwise (its backward: a `conv_transpose2d` for the input gradient and a conv2d
+    /// for the weight gradient, on any device).
     pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        conv2d_param(
-            x,
-            &self.weight,
-            self.stride,
-            self.padding,
-            &self.weight_grads,
-        )
+        if self.kernels.cpu_kernels_for(x) {
+            conv2d_param(
+                x,
+                &self.weight,
+                self.stride,
+                self.padding,
+                &self.weight_grads,
+            )
+        } else {
+            x.conv2d(&self.weight, self.padding, self.stride, 1, 1)
+        }
     }
 }
 
@@ -98,6 +107,7 @@ pub struct BatchNorm {
     running_var: Buffer,
     momentum: f64,
     momentum_override: BnMomentumOverride,
+    kernels: KernelChoice,
     eps: f64,
 }
 
@@ -123,6 +133,7 @@ impl BatchNorm {
             running_var: ps.buffer(&format!("{name}.running_var"), &[channels], 1.0)?,
             momentum,
             momentum_override: ps.bn_momentum_override().clone(),
+            kernels: ps.kernel_choice().clone(),
             eps: 1e-5,
         })
     }
@@ -138,12 +149,10 @@ impl BatchNorm {
     }
 
     /// BatchNorm followed by ReLU when `relu`. Training on f32 CPU tensors with affine
-    /// parameters uses the fused kernel of `ops/batchnorm.rs`; everything else candle ops.
+    /// parameters and `auto` kernels uses the fused kernel of `ops/batchnorm.rs`; everything
+    /// else candle ops.
     pub fn forward_act(&self, x: &Tensor, train: bool, relu: bool) -> candle_core::Result<Tensor> {
-        if let (true, Some((w, b))) = (
-            train && x.device().is_cpu() && x.dtype() == DType::F32,
-            &self.affine,
-        ) {
+        if let (true, Some((w, b))) = (train && self.kernels.cpu_kernels_for(x), &self.affine) {
             let (y, stats) = batch_norm_train_cpu(x, w, b, self.eps, relu)?;
             let n = x.elem_count() / x.dim(1)?;
             let c = stats.mean.len();
@@ -164,7 +173,7 @@ impl BatchNorm {
         }
         let y = self.forward_generic(x, train)?;
         if relu {
-            y.relu()
+            self::relu(&y)
         } else {
             Ok(y)
         }
@@ -215,6 +224,15 @@ impl BatchNorm {
         x.broadcast_mul(&scale.reshape(bshape.as_slice())?)?
             .broadcast_add(&shift.reshape(bshape.as_slice())?)
     }
+}
+
+/// max(x, 0) with PyTorch's gradient rule: the gradient passes where the output is positive
+/// and is 0 at x = 0 (candle's `relu` passes it at 0 too). odcd's CPU kernels follow the
+/// same rule, so the two paths agree where a pre-activation is exactly 0 (a BatchNorm of a
+/// channel that is constant over the batch, for instance).
+pub fn relu(x: &Tensor) -> candle_core::Result<Tensor> {
+    let positive = x.gt(0.0)?;
+    positive.where_cond(x, &x.zeros_like()?)
 }
 
 /// Inverted dropout with a mask drawn from a seeded RNG, so a training step is reproducible.

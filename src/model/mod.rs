@@ -6,6 +6,12 @@
 //!
 //! This folder holds the model (layers, the ResNet, parameters, the residual join); the CPU
 //! kernels it runs on (conv, batch norm, max-pool) live apart in [`ops`].
+//!
+//! Two paths run the same network: odcd's CPU kernels (f32 CPU tensors, `train.kernels =
+//! "auto"`), and the generic path, candle ops that all have a backward on every device
+//! (conv2d, composed BatchNorm, add + relu, the separable max-pool of
+//! [`MaxPool2d::forward_generic`]). Off the CPU only the generic path runs; on CPU
+//! `train.kernels = "generic"` selects it ([`OdcModel::set_kernels`]).
 
 pub mod layers;
 pub mod ops;
@@ -17,6 +23,7 @@ use candle_core::backprop::GradStore;
 use candle_core::{Device, Module, Tensor, D};
 use serde::{Deserialize, Serialize};
 
+use crate::device::Kernels;
 use crate::validate::FieldError;
 
 pub use ops::cpu::keep_candle_pool_off_rayon_cores;
@@ -223,6 +230,16 @@ impl OdcModel {
         self.ps.device()
     }
 
+    /// Chooses odcd's CPU kernels (`Auto`, on CPU) or the generic path (`Generic`) for every
+    /// later forward and backward.
+    pub fn set_kernels(&self, kernels: Kernels) {
+        self.ps.kernel_choice().set(kernels);
+    }
+
+    pub fn kernels(&self) -> Kernels {
+        self.ps.kernel_choice().get()
+    }
+
     /// Global-average-pooled backbone feature (B, C4): what downstream evaluation uses.
     pub fn backbone_features(&self, x: &Tensor, train: bool) -> candle_core::Result<Tensor> {
         self.backbone
@@ -252,7 +269,7 @@ impl OdcModel {
 
     /// Gradients of `loss` (a scalar computed from [`Self::forward_train`]'s outputs) for
     /// every parameter: candle's backward, plus the conv weight gradients that the CPU conv
-    /// kernels hand over outside candle's graph ([`params::WeightGrads`]). Use this rather
+    /// kernels (not the generic path) hand over outside candle's graph ([`params::WeightGrads`]). Use this rather
     /// than `loss.backward()`, which would leave those out.
     pub fn backward(&self, loss: &Tensor) -> candle_core::Result<GradStore> {
         // left over from a `loss.backward()` called directly: not this loss's

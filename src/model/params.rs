@@ -14,6 +14,7 @@ use rand_chacha::ChaCha8Rng;
 use rand_distr::{Distribution, Normal};
 
 use super::ModelError;
+use crate::device::Kernels;
 
 /// A non-trainable tensor that a layer updates in place (running mean / variance).
 #[derive(Clone, Debug)]
@@ -45,6 +46,7 @@ pub struct ParamStore {
     buffers: BTreeMap<String, Buffer>,
     bn_momentum: BnMomentumOverride,
     weight_grads: WeightGrads,
+    kernels: KernelChoice,
 }
 
 /// A momentum that, while set, every BatchNorm of one model uses instead of its own: BN
@@ -69,6 +71,31 @@ impl BnMomentumOverride {
 
 pub use super::ops::WeightGrads;
 
+/// Whether the model's layers may use odcd's CPU kernels (`train.kernels`), read at every
+/// forward; shared by the model's layers. Off the CPU the generic path runs whatever it says.
+#[derive(Clone, Debug, Default)]
+pub struct KernelChoice(Arc<std::sync::atomic::AtomicBool>);
+
+impl KernelChoice {
+    pub fn set(&self, kernels: Kernels) {
+        let generic = kernels == Kernels::Generic;
+        self.0.store(generic, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    pub fn get(&self) -> Kernels {
+        if self.0.load(std::sync::atomic::Ordering::Relaxed) {
+            Kernels::Generic
+        } else {
+            Kernels::Auto
+        }
+    }
+
+    /// Whether `x` goes through odcd's CPU kernels: an f32 CPU tensor, `auto` kernels.
+    pub fn cpu_kernels_for(&self, x: &Tensor) -> bool {
+        x.dtype() == DType::F32 && self.get().cpu_kernels_on(x.device())
+    }
+}
+
 impl ParamStore {
     pub fn new(device: &Device, seed: u64) -> Self {
         ParamStore {
@@ -78,6 +105,7 @@ impl ParamStore {
             buffers: BTreeMap::new(),
             bn_momentum: BnMomentumOverride::default(),
             weight_grads: WeightGrads::default(),
+            kernels: KernelChoice::default(),
         }
     }
 
@@ -149,6 +177,11 @@ impl ParamStore {
 
     pub fn buffers(&self) -> &BTreeMap<String, Buffer> {
         &self.buffers
+    }
+
+    /// The kernel choice every layer of this model reads.
+    pub fn kernel_choice(&self) -> &KernelChoice {
+        &self.kernels
     }
 
     pub fn bn_momentum_override(&self) -> &BnMomentumOverride {

@@ -6,7 +6,7 @@ use serde::{Deserialize, Serialize};
 
 use super::layers::{BatchNorm, Conv2d};
 use super::ops::MaxPool2d;
-use super::params::ParamStore;
+use super::params::{KernelChoice, ParamStore};
 use super::residual::add_relu;
 use super::ModelError;
 
@@ -87,14 +87,24 @@ impl BasicBlock {
         })
     }
 
-    fn forward(&self, x: &Tensor, train: bool) -> candle_core::Result<Tensor> {
+    fn forward(&self, x: &Tensor, train: bool, cpu: bool) -> candle_core::Result<Tensor> {
         let y = self.bn1.forward_act(&self.conv1.forward(x)?, train, true)?;
         let y = self.bn2.forward(&self.conv2.forward(&y)?, train)?;
         let id = match &self.downsample {
             Some((c, b)) => b.forward(&c.forward(x)?, train)?,
             None => x.clone(),
         };
-        add_relu(&y, &id)
+        join(&y, &id, cpu)
+    }
+}
+
+/// The residual join relu(y + identity): the fused CPU kernel when `cpu`, candle ops
+/// otherwise.
+fn join(y: &Tensor, id: &Tensor, cpu: bool) -> candle_core::Result<Tensor> {
+    if cpu {
+        add_relu(y, id)
+    } else {
+        super::layers::relu(&(y + id)?)
     }
 }
 
@@ -130,7 +140,7 @@ impl Bottleneck {
         })
     }
 
-    fn forward(&self, x: &Tensor, train: bool) -> candle_core::Result<Tensor> {
+    fn forward(&self, x: &Tensor, train: bool, cpu: bool) -> candle_core::Result<Tensor> {
         let y = self.bn1.forward_act(&self.conv1.forward(x)?, train, true)?;
         let y = self
             .bn2
@@ -140,7 +150,7 @@ impl Bottleneck {
             Some((c, b)) => b.forward(&c.forward(x)?, train)?,
             None => x.clone(),
         };
-        add_relu(&y, &id)
+        join(&y, &id, cpu)
     }
 }
 
@@ -150,10 +160,10 @@ enum Block {
 }
 
 impl Block {
-    fn forward(&self, x: &Tensor, train: bool) -> candle_core::Result<Tensor> {
+    fn forward(&self, x: &Tensor, train: bool, cpu: bool) -> candle_core::Result<Tensor> {
         match self {
-            Block::Basic(b) => b.forward(x, train),
-            Block::Bottleneck(b) => b.forward(x, train),
+            Block::Basic(b) => b.forward(x, train, cpu),
+            Block::Bottleneck(b) => b.forward(x, train, cpu),
         }
     }
 }
@@ -164,6 +174,7 @@ pub struct ResNet {
     maxpool: Option<MaxPool2d>,
     blocks: Vec<Block>,
     arch: Arch,
+    kernels: KernelChoice,
 }
 
 impl ResNet {
@@ -220,6 +231,7 @@ impl ResNet {
             maxpool,
             blocks,
             arch,
+            kernels: ps.kernel_choice().clone(),
         })
     }
 
@@ -230,11 +242,16 @@ impl ResNet {
     /// (N, C, H, W) → stage-4 map (N, C4, h, w).
     pub fn forward(&self, x: &Tensor, train: bool) -> candle_core::Result<Tensor> {
         let mut y = self.bn1.forward_act(&self.conv1.forward(x)?, train, true)?;
+        let cpu = self.kernels.cpu_kernels_for(&y);
         if let Some(mp) = &self.maxpool {
-            y = mp.forward(&y)?;
+            y = if cpu {
+                mp.forward(&y)?
+            } else {
+                mp.forward_generic(&y)?
+            };
         }
         for b in &self.blocks {
-            y = b.forward(&y, train)?;
+            y = b.forward(&y, train, cpu)?;
         }
         Ok(y)
     }

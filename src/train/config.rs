@@ -2,6 +2,7 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::device::Kernels;
 use crate::odc::{EvictionPolicy, MinCluster, StreamConfig};
 use crate::validate::FieldError;
 
@@ -173,6 +174,9 @@ impl OdcConfig {
 fn default_device() -> String {
     "cpu".into()
 }
+fn default_kernels() -> String {
+    "auto".into()
+}
 fn default_log_every() -> u64 {
     10
 }
@@ -184,6 +188,11 @@ pub struct TrainConfig {
     /// `cpu`, `cuda:N` or `auto` (CUDA when built with `--features cuda` and a GPU answers).
     #[serde(default = "default_device")]
     pub device: String,
+    /// `auto`: odcd's own CPU kernels on CPU (the fast path), the generic path (candle ops
+    /// with a backward on every device) elsewhere. `generic`: the generic path on CPU too,
+    /// slower; it runs on CPU exactly what a GPU runs (docs/kernels.md).
+    #[serde(default = "default_kernels")]
+    pub kernels: String,
     /// Seed of the model init, dropout and k-means: same seed + same input order = same run.
     #[serde(default)]
     pub seed: u64,
@@ -202,6 +211,7 @@ impl Default for TrainConfig {
     fn default() -> Self {
         TrainConfig {
             device: default_device(),
+            kernels: default_kernels(),
             seed: 0,
             max_steps: None,
             log_every: default_log_every(),
@@ -215,6 +225,7 @@ impl TrainConfig {
     pub fn validate(&self) -> Result<(), FieldError> {
         crate::device::select_device(&self.device)
             .map_err(|e| FieldError::new("train.device", e.to_string()))?;
+        self.kernels()?;
         if self.log_every == 0 {
             return Err(FieldError::new("train.log_every", "must be > 0"));
         }
@@ -225,5 +236,10 @@ impl TrainConfig {
             ));
         }
         Ok(())
+    }
+
+    /// The `kernels` field, parsed; the error names the field.
+    pub fn kernels(&self) -> Result<Kernels, FieldError> {
+        Kernels::parse(&self.kernels).map_err(|m| FieldError::new("train.kernels", m))
     }
 }

@@ -4,6 +4,8 @@
 //! publishing, checkpoints) is `crate::topology::train_loop`.
 
 mod config;
+#[cfg(test)]
+mod kernels_equivalence;
 mod metrics;
 mod trainer;
 

@@ -11,6 +11,7 @@ use candle_core::{Device, Tensor, D};
 use serde::Serialize;
 
 use super::OdcConfig;
+use crate::device::Kernels;
 use crate::model::{ModelConfig, ModelError, OdcModel};
 use crate::odc::{self, KMeansConfig, OdcError, StreamingMemory};
 use crate::optim::{OptimError, Sgd, SgdConfig};
@@ -89,15 +90,20 @@ pub struct Trainer {
 }
 
 impl Trainer {
+    /// A fresh trainer; `kernels` picks odcd's CPU kernels or the generic path for the model
+    /// and the optimizer (`train.kernels`).
     pub fn new(
         model_cfg: &ModelConfig,
         odc_cfg: &OdcConfig,
         sgd_cfg: &SgdConfig,
         device: &Device,
+        kernels: Kernels,
         seed: u64,
     ) -> Result<Self, TrainError> {
         let model = OdcModel::new(model_cfg, odc_cfg.num_clusters, device, seed)?;
-        let opt = Sgd::new(sgd_cfg.clone(), model.params().params())?;
+        model.set_kernels(kernels);
+        let mut opt = Sgd::new(sgd_cfg.clone(), model.params().params())?;
+        opt.set_kernels(kernels);
         odc_cfg.validate()?;
         let memory = StreamingMemory::new(odc_cfg.stream_config(model_cfg.feat_dim))?;
         Ok(Trainer {
@@ -314,7 +320,14 @@ mod tests {
             min_cluster: MinClusterSpec::Count(2),
             ..OdcConfig::default()
         };
-        Trainer::new(&model, &odc, &SgdConfig::default(), &Device::Cpu, seed)
+        Trainer::new(
+            &model,
+            &odc,
+            &SgdConfig::default(),
+            &Device::Cpu,
+            Kernels::Auto,
+            seed,
+        )
     }
 
     fn batch(i: u64) -> Result<(Tensor, Vec<String>), TrainError> {
