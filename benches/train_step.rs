@@ -7,12 +7,17 @@
 //! Compare with `benches/train_step_torch.py` (same architecture in PyTorch) in the same run:
 //! `scripts/bench-train.sh` runs both.
 //!
+//! The generic path (candle ops with a backward on every device, what a GPU runs) instead of
+//! odcd's CPU kernels: `KERNELS=generic cargo bench --bench train_step`;
+//! `scripts/bench-train.sh kernels` runs both side by side.
+//!
 //! RSS check: `STEPS=1000 RSS_EVERY=100 cargo bench --bench train_step` prints the resident
 //! set size every 100 steps (`scripts/bench-train.sh rss` runs it); it must stay flat.
 
 use std::time::Instant;
 
 use candle_core::{Device, Tensor};
+use odcd::device::Kernels;
 use odcd::model::{Arch, ModelConfig, OdcModel};
 use odcd::optim::{Sgd, SgdConfig};
 
@@ -55,8 +60,14 @@ fn main() -> anyhow::Result<()> {
         ..ModelConfig::default()
     };
     let dev = Device::Cpu;
+    let kernels = match std::env::var("KERNELS").as_deref() {
+        Ok("generic") => Kernels::Generic,
+        _ => Kernels::Auto,
+    };
     let model = OdcModel::new(&cfg, k, &dev, 0)?;
+    model.set_kernels(kernels);
     let mut opt = Sgd::new(SgdConfig::default(), model.params().params())?;
+    opt.set_kernels(kernels);
     let x = Tensor::randn(0f32, 1f32, (batch, 3, size, size), &dev)?;
     let y: Vec<u32> = (0..batch as u32).map(|i| i % k as u32).collect();
     let y = Tensor::from_vec(y, batch, &dev)?;
@@ -90,12 +101,17 @@ fn main() -> anyhow::Result<()> {
     // the fastest step: least disturbed by other work on a shared machine
     let min_s = times[0];
     println!(
-        "odcd(candle) {:?} {}x{}x{} batch {}: step {:.1} ms (forward {:.1} ms, backward {:.1} ms, fastest step {:.1} ms), {:.1} images/s, threads {}",
+        "odcd(candle) {:?} {}x{}x{} batch {} kernels {}: step {:.1} ms (forward {:.1} ms, backward {:.1} ms, fastest step {:.1} ms), {:.1} images/s, threads {}",
         arch,
         3,
         size,
         size,
         batch,
+        if kernels == Kernels::Generic {
+            "generic"
+        } else {
+            "cpu"
+        },
         step_s * 1e3,
         med(&mut tf) * 1e3,
         med(&mut tb) * 1e3,
