@@ -271,7 +271,7 @@ impl Reader {
                         _ = cancel.cancelled() => return false,
                         _ = tokio::time::sleep(self.backoff) => {}
                     }
-                    self.backoff = (self.backoff * 2).min(Duration::from_secs(30));
+                    self.backoff = next_error_backoff(self.backoff, self.base);
                     return true;
                 }
             }
@@ -311,6 +311,16 @@ impl Reader {
     }
 }
 
+/// The longest wait after consumer errors (unless `retry_backoff_ms` is longer): librdkafka
+/// reconnects by itself, and the errors of an outage stay queued, so a long wait per error
+/// would leave the source asleep long after the broker is back (with 30 s, minutes).
+const ERROR_BACKOFF_MAX: Duration = Duration::from_secs(2);
+
+/// The wait after the next consumer error: doubled, at most [`ERROR_BACKOFF_MAX`] or `base`.
+fn next_error_backoff(cur: Duration, base: Duration) -> Duration {
+    (cur * 2).min(ERROR_BACKOFF_MAX.max(base))
+}
+
 /// Hands `items` downstream in order, reserving channel slots for as many as fit at once.
 /// No select on `cancel` (hot path): on cancel the decode stage drops its receiver, which
 /// ends the wait. False when the receiver is gone.
@@ -332,5 +342,24 @@ async fn send_all(
         for (permit, item) in permits.zip(rest.by_ref()) {
             permit.send(item);
         }
+    }
+}
+
+#[cfg(test)]
+mod backoff_tests {
+    use super::*;
+
+    /// After the errors of a long outage the source waits at most 2 s between reads (unless
+    /// configured longer), so it reads again within seconds of the broker's return.
+    #[test]
+    fn the_error_backoff_stays_short_after_many_errors() {
+        let base = Duration::from_millis(500);
+        let mut b = base;
+        for _ in 0..20 {
+            b = next_error_backoff(b, base);
+        }
+        assert_eq!(b, Duration::from_secs(2));
+        let slow = Duration::from_secs(5);
+        assert_eq!(next_error_backoff(slow, slow), slow);
     }
 }
