@@ -366,20 +366,10 @@ impl ObjectStoreSource {
                 ShardEnd::Stopped { .. } => return ControlFlow::Break(()),
                 ShardEnd::Transport { items, message } => {
                     delivered = delivered.max(items);
-                    if down.load(Ordering::Relaxed) {
-                        // The store cannot be reached: not the shard's fault, so no retry of
-                        // its budget is spent; wait for the store, probing every few seconds.
-                        self.store_down(&format!("reading shard {shard}: {message}"));
-                        if let Some(m) = &self.metrics {
-                            m.retries.inc();
-                        }
-                        let pause = self.backoff(attempt).min(OUTAGE_PROBE_MAX);
-                        if !self.sleep(pause, cancel).await {
-                            return ControlFlow::Break(());
-                        }
-                        continue;
-                    }
-                    if attempt >= self.cfg.max_retries {
+                    // A failure that looks like the store's outage, and any failure once the
+                    // shard's retries are spent, first asks whether the store answers at all:
+                    // while it does not, the shard is not at fault and is waited for.
+                    if down.load(Ordering::Relaxed) || attempt >= self.cfg.max_retries {
                         match self.wait_out_outage(shard, &message, cancel).await {
                             ControlFlow::Break(()) => return ControlFlow::Break(()),
                             ControlFlow::Continue(true) => {
@@ -390,6 +380,8 @@ impl ObjectStoreSource {
                             }
                             ControlFlow::Continue(false) => {}
                         }
+                    }
+                    if attempt >= self.cfg.max_retries {
                         let item = Err(RejectedRecord {
                             key: shard.to_string(),
                             reason: RejectReason::ReadError,
