@@ -2,9 +2,10 @@
 //!
 //! - the S3 server (moto) unreachable while the source reads its shards, while a checkpoint is
 //!   being written and while Parquet files are published. moto keeps everything in memory and
-//!   has no persistence option, so a stopped moto would come back empty; the outage is a TCP
+//!   has no persistence option, so a stopped moto would come back empty. Two ways: a TCP
 //!   forwarder in front of it that refuses connections and cuts the open ones
-//!   ([`common::s3::Forwarder`]), which the daemon sees exactly as a stopped server;
+//!   ([`common::s3::Forwarder`]), which the daemon sees exactly as a stopped server; and the
+//!   moto process really stopped and restarted, the test restoring its bucket as a disk would;
 //! - the Kafka broker (Tansu) stopped (SIGKILL) and restarted under the Kafka source and the
 //!   Kafka embeddings sink. Tansu runs on its `s3://` storage engine in a moto bucket, so the
 //!   restarted broker has its topics, records, groups and producer state, as a broker
@@ -187,19 +188,71 @@ fn s3_options(endpoint: &str) -> BTreeMap<String, String> {
     .collect()
 }
 
-/// The S3 server unreachable for 30 s, starting while a checkpoint is being written (its first
-/// part stored, its manifest not yet), with the source part-way through its shards and
-/// Parquet files published every step. `once` mode: at the end every record was trained and
-/// has its row, every step is published, and the last checkpoint is at the last step.
+/// The S3 server unreachable for 30 s behind a closed forwarder (moto keeps its state),
+/// starting while a checkpoint is being written (its first part stored, its manifest not yet),
+/// with the source part-way through its shards and Parquet files published every step. `once`
+/// mode: at the end every record was trained and has its row, every step is published, and the
+/// last checkpoint is at the last step.
 #[test]
 fn an_s3_outage_under_the_source_a_checkpoint_and_parquet_is_ridden_out() {
+    s3_outage(false);
+}
+
+/// The same with the moto process really stopped (SIGKILL) and started again 30 s later on the
+/// same port. moto has no persistence, so the test restores what the bucket held when it
+/// stopped (taken with the daemon frozen for that moment, and put back with the daemon frozen
+/// again), as a server restarting from its disk would; uploads in progress are lost, as their
+/// multipart upload ids are.
+#[test]
+fn an_s3_server_stopped_and_restarted_under_the_source_a_checkpoint_and_parquet_is_ridden_out() {
+    s3_outage(true);
+}
+
+/// Every object of the bucket (a stopped server's disk).
+fn snapshot(store: &Arc<dyn ObjectStore>) -> Vec<(String, bytes::Bytes)> {
+    rt().block_on(async {
+        let names: Vec<String> = store
+            .list(None)
+            .map_ok(|m| m.location.to_string())
+            .try_collect()
+            .await
+            .expect("list the bucket");
+        let mut out = Vec::new();
+        for n in names {
+            let b = store
+                .get(&ObjPath::from(n.as_str()))
+                .await
+                .expect("get object")
+                .bytes()
+                .await
+                .expect("object bytes");
+            out.push((n, b));
+        }
+        out
+    })
+}
+
+fn restore(store: &Arc<dyn ObjectStore>, objects: Vec<(String, bytes::Bytes)>) {
+    rt().block_on(async {
+        for (n, b) in objects {
+            store
+                .put(&ObjPath::from(n.as_str()), PutPayload::from(b))
+                .await
+                .expect("restore object");
+        }
+    });
+}
+
+fn s3_outage(restart: bool) {
     const RECORDS: usize = 640;
     let t0 = Instant::now();
-    let moto = Moto::start(free_port());
-    let mut fwd = Forwarder::start(moto.port);
-    let direct = moto.store();
+    let moto_port = free_port();
+    let mut moto = Some(Moto::start(moto_port));
+    let mut fwd = (!restart).then(|| Forwarder::start(moto_port));
+    let direct = moto.as_ref().expect("moto").store();
     let keys = put_shards(&direct, "shards", RECORDS);
-    let opts = s3_options_toml(&fwd.endpoint());
+    let moto_endpoint = format!("http://127.0.0.1:{moto_port}");
+    let opts = s3_options_toml(&fwd.as_ref().map_or(moto_endpoint.clone(), |f| f.endpoint()));
     let port = free_port();
     let extra = format!(
         "[train]\nlog_every = 1\n\
@@ -235,11 +288,24 @@ fn an_s3_outage_under_the_source_a_checkpoint_and_parquet_is_ridden_out() {
             .find(|o| !manifests.iter().any(|m| o.starts_with(m.as_str())))
             .map(|o| o.to_string())
     });
-    fwd.close();
+    let saved = match &mut fwd {
+        Some(f) => {
+            f.close();
+            None
+        }
+        None => {
+            d.signal("-STOP");
+            let objects = snapshot(&direct);
+            drop(moto.take());
+            d.signal("-CONT");
+            Some(objects)
+        }
+    };
     let down = Instant::now();
     let trained_before = metric(port, "odcd_records_read_total").unwrap_or(0.0);
     println!(
-        "S3 down at {:.1} s: {caught} stored, its manifest not yet; {trained_before} records read of {RECORDS}",
+        "S3 down ({}) at {:.1} s: {caught} stored, its manifest not yet; {trained_before} records read of {RECORDS}",
+        if restart { "moto stopped" } else { "forwarder closed" },
         t0.elapsed().as_secs_f64()
     );
     let failures = metric(port, "odcd_checkpoint_failures_total").unwrap_or(0.0);
@@ -262,7 +328,18 @@ fn an_s3_outage_under_the_source_a_checkpoint_and_parquet_is_ridden_out() {
     assert!(metric(port, "odcd_source_retries_total").unwrap_or(0.0) >= 1.0);
     std::thread::sleep(OUTAGE.saturating_sub(down.elapsed()));
     d.assert_alive();
-    fwd.open();
+    match (&mut fwd, saved) {
+        (Some(f), _) => f.open(),
+        (None, objects) => {
+            d.signal("-STOP");
+            moto = Some(Moto::start(moto_port));
+            let objects = objects.unwrap_or_default();
+            let n = objects.len();
+            restore(&direct, objects);
+            d.signal("-CONT");
+            println!("moto restarted, {n} objects restored");
+        }
+    }
     println!(
         "S3 back at {:.1} s after {:.1} s down",
         t0.elapsed().as_secs_f64(),
@@ -299,7 +376,8 @@ fn an_s3_outage_under_the_source_a_checkpoint_and_parquet_is_ridden_out() {
         Vec::<u64>::new(),
         "steps without their rows"
     );
-    let steps = checkpoint_steps(&format!("s3://{BUCKET}/ck/"), &s3_options(&moto.endpoint()));
+    let steps = checkpoint_steps(&format!("s3://{BUCKET}/ck/"), &s3_options(&moto_endpoint));
+    drop(moto);
     assert_eq!(steps.last(), Some(&last), "checkpoints: {steps:?}");
     assert!(
         !d.log_text().contains("could not be read after"),
