@@ -74,6 +74,8 @@ pub struct Health {
 #[derive(Default)]
 struct HealthInner {
     source_ok: AtomicBool,
+    /// Why the source cannot reach its data, while it cannot.
+    source_error: Mutex<Option<String>>,
     training: AtomicBool,
     checkpoint_ok: AtomicBool,
     checkpoint_error: Mutex<Option<String>>,
@@ -89,6 +91,12 @@ impl Health {
     }
     pub fn set_source_ok(&self, v: bool) {
         self.inner.source_ok.store(v, Ordering::Relaxed);
+    }
+    /// The source cannot reach its data (`Some(why)`: it waits and retries), or can again.
+    pub fn set_source_error(&self, why: Option<String>) {
+        if let Ok(mut g) = self.inner.source_error.lock() {
+            *g = why;
+        }
     }
     pub fn set_training(&self, v: bool) {
         self.inner.training.store(v, Ordering::Relaxed);
@@ -121,6 +129,9 @@ impl Health {
         }
         if !self.inner.source_ok.load(Ordering::Relaxed) {
             why.push("source not connected".to_string());
+        }
+        if let Some(e) = self.inner.source_error.lock().ok().and_then(|g| g.clone()) {
+            why.push(format!("source unreachable, waiting for it: {e}"));
         }
         if !self.inner.training.load(Ordering::Relaxed) {
             why.push("not training yet".to_string());

@@ -70,9 +70,62 @@ pub fn open_store(
     let parsed = url::Url::parse(url).map_err(|e| bad(e.to_string()))?;
     let mut opts = default_store_options();
     opts.extend(options.iter().map(|(k, v)| (k.clone(), v.clone())));
-    let (store, path) =
-        object_store::parse_url_opts(&parsed, opts).map_err(|e| bad(e.to_string()))?;
-    Ok((Arc::from(store), path))
+    let (scheme, path) =
+        object_store::ObjectStoreScheme::parse(&parsed).map_err(|e| bad(e.to_string()))?;
+    // The cloud clients with odcd's retry budget ([`client_retry`]); the rest as object_store
+    // builds them from the URL.
+    macro_rules! cloud {
+        ($builder:ty) => {{
+            let b =
+                opts.iter().fold(
+                    <$builder>::new().with_url(url.to_string()),
+                    |b, (k, v)| match k.parse() {
+                        Ok(k) => b.with_config(k, v.clone()),
+                        Err(_) => b,
+                    },
+                );
+            let store: Arc<dyn object_store::ObjectStore> = Arc::new(
+                b.with_retry(client_retry())
+                    .build()
+                    .map_err(|e| bad(e.to_string()))?,
+            );
+            store
+        }};
+    }
+    let store = match scheme {
+        object_store::ObjectStoreScheme::AmazonS3 => cloud!(object_store::aws::AmazonS3Builder),
+        object_store::ObjectStoreScheme::GoogleCloudStorage => {
+            cloud!(object_store::gcp::GoogleCloudStorageBuilder)
+        }
+        object_store::ObjectStoreScheme::MicrosoftAzure => {
+            cloud!(object_store::azure::MicrosoftAzureBuilder)
+        }
+        _ => {
+            let (store, _) =
+                object_store::parse_url_opts(&parsed, opts).map_err(|e| bad(e.to_string()))?;
+            Arc::from(store)
+        }
+    };
+    let path = object_store::path::Path::parse(path.as_ref()).map_err(|e| bad(e.to_string()))?;
+    Ok((store, path))
+}
+
+/// The cloud clients' own retries of one request (connection errors, 5xx, 429): at most
+/// ~10 s, pauses of 100 ms doubling to 2 s. object_store's default (10 retries within
+/// 3 minutes, pauses to 15 s) would hide an outage of the store inside one call for minutes;
+/// with this bound the failure reaches odcd's own retry layers within seconds, and they count
+/// it, say it in `/readyz` and keep retrying (the source waits for its store, the sinks retry
+/// their writes, a failed checkpoint is tried again at the next one).
+pub fn client_retry() -> object_store::RetryConfig {
+    object_store::RetryConfig {
+        backoff: object_store::BackoffConfig {
+            init_backoff: std::time::Duration::from_millis(100),
+            max_backoff: std::time::Duration::from_secs(2),
+            base: 2.0,
+        },
+        max_retries: 10,
+        retry_timeout: std::time::Duration::from_secs(10),
+    }
 }
 
 #[cfg(test)]

@@ -85,3 +85,102 @@ fn embed_with_a_checkpoint_writes_one_row_per_record() {
     }
     assert_eq!(keys.len(), 200, "one row per fixture record");
 }
+
+/// `odcd embed`'s publish retry: its Parquet location refuses writes (a regular file where the
+/// files' folder should be, which fails even as root) while it runs; once the location is back,
+/// every record has its row and the command exits 0.
+#[test]
+fn embed_rides_out_a_refusing_parquet_location_without_losing_a_row() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let ck = dir.path().join("ckpt");
+    let src = format!("file://{}/", fixtures_dir().display());
+    let extra = format!(
+        "[checkpoint]\nurl = \"{}\"\nevery_steps = 1000\n",
+        ck.display()
+    );
+    let text = test_config(&src, free_port(), &extra)
+        .replace("[metrics]", "[train]\nmax_steps = 2\n[metrics]");
+    let cfg = dir.path().join("odcd.toml");
+    std::fs::write(&cfg, &text).expect("write config");
+    let mut d = Daemon::start(&cfg, &dir.path().join("run.log"));
+    assert_eq!(
+        d.wait(Duration::from_secs(240)),
+        Some(0),
+        "log:\n{}",
+        d.log_text()
+    );
+
+    // Files of 50 rows, so several publishes meet the refusal before the end of the data.
+    let out = dir.path().join("inference");
+    std::fs::create_dir_all(&out).expect("mkdir");
+    let block = out.join("sub");
+    std::fs::write(&block, b"in the way").expect("block");
+    let cfg2 = dir.path().join("embed.toml");
+    std::fs::write(
+        &cfg2,
+        format!(
+            "{text}[embeddings]\nurl = \"{}\"\n[embeddings.parquet]\nfile_prefix = \"sub/part\"\nmax_rows_per_file = 50\n",
+            out.display()
+        ),
+    )
+    .expect("write config");
+    let log = dir.path().join("embed.log");
+    let mut child = std::process::Command::new(odcd_bin())
+        .args(["embed", "--once", "--checkpoint"])
+        .arg(&ck)
+        .arg("--config")
+        .arg(&cfg2)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&log).expect("log file"))
+        .spawn()
+        .expect("run odcd embed");
+    let log_text = || std::fs::read_to_string(&log).unwrap_or_default();
+    let refused = wait_until("a refused publish", Duration::from_secs(120), || {
+        if let Ok(Some(st)) = child.try_wait() {
+            panic!(
+                "odcd embed exited ({st}) while its sink refused; log:\n{}",
+                log_text()
+            );
+        }
+        let n = log_text()
+            .lines()
+            .filter(|l| l.contains("failed, retrying (nothing is dropped)"))
+            .count();
+        (n >= 2).then_some(n)
+    });
+    std::fs::remove_file(&block).expect("unblock");
+    let t0 = std::time::Instant::now();
+    let status = loop {
+        if let Ok(Some(st)) = child.try_wait() {
+            break st;
+        }
+        if t0.elapsed() > Duration::from_secs(120) {
+            let _ = child.kill();
+            panic!("odcd embed did not finish; log:\n{}", log_text());
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert!(status.success(), "log:\n{}", log_text());
+
+    let mut rows = std::collections::BTreeMap::new();
+    for e in std::fs::read_dir(out.join("sub")).expect("published files") {
+        let p = e.expect("entry").path();
+        assert!(
+            p.extension().is_some_and(|x| x == "parquet"),
+            "not a published file: {}",
+            p.display()
+        );
+        common::data::add_parquet_rows(&p, &mut rows);
+    }
+    let keys: std::collections::BTreeSet<&String> = rows.values().flatten().collect();
+    println!(
+        "{refused} refused publishes retried; {} keys published",
+        keys.len()
+    );
+    assert_eq!(keys.len(), 200, "one row per fixture record, none lost");
+    assert_eq!(
+        rows.keys().copied().collect::<Vec<_>>(),
+        [2],
+        "tagged with the checkpoint's step"
+    );
+}

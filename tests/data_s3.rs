@@ -5,99 +5,18 @@ mod common;
 
 use common::data::{noise, Shard};
 use common::free_port;
-use object_store::aws::AmazonS3Builder;
+use common::s3::{Moto, BUCKET};
 use object_store::path::Path;
-use object_store::{BackoffConfig, ObjectStore, PutPayload, RetryConfig};
+use object_store::{ObjectStore, PutPayload};
 use odcd::source::{
     DataMetrics, ObjectStoreSource, ObjectStoreSourceConfig, RejectReason, SourceItem, SourceMode,
     SourceState,
 };
-use std::io::{Read, Write};
-use std::net::TcpStream;
-use std::process::{Child, Command, Stdio};
+use std::io::Write;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
-
-const BUCKET: &str = "odcd";
-
-/// A moto_server child process on 127.0.0.1:port, killed on drop.
-struct Moto {
-    child: Child,
-    port: u16,
-}
-
-impl Moto {
-    fn start(port: u16) -> Moto {
-        let child = Command::new("moto_server")
-            .args(["-H", "127.0.0.1", "-p", &port.to_string()])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap_or_else(|e| {
-                panic!(
-                    "cannot start moto_server ({e}): install it with `pip install 'moto[server]'`"
-                )
-            });
-        let m = Moto { child, port };
-        let t0 = Instant::now();
-        while m.http("PUT", &format!("/{BUCKET}")).is_none() {
-            assert!(
-                t0.elapsed() < Duration::from_secs(30),
-                "moto_server did not answer on port {port}"
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        m
-    }
-
-    /// A bare HTTP request (moto does not check signatures); returns the status line.
-    fn http(&self, method: &str, path: &str) -> Option<String> {
-        let mut s = TcpStream::connect(("127.0.0.1", self.port)).ok()?;
-        write!(s, "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1:{}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n", self.port).ok()?;
-        let mut out = String::new();
-        s.read_to_string(&mut out).ok()?;
-        let line = out.lines().next()?.to_string();
-        line.contains(" 200").then_some(line)
-    }
-
-    fn endpoint(&self) -> String {
-        format!("http://127.0.0.1:{}", self.port)
-    }
-
-    fn store(&self) -> Arc<dyn ObjectStore> {
-        self.store_with_retries(1)
-    }
-
-    /// `max_retries = 0` turns off object_store's own retries (including its resumption of
-    /// streaming GETs), so the source's retry layer is what gets exercised.
-    fn store_with_retries(&self, max_retries: usize) -> Arc<dyn ObjectStore> {
-        let s = AmazonS3Builder::new()
-            .with_endpoint(self.endpoint())
-            .with_allow_http(true)
-            .with_virtual_hosted_style_request(false)
-            .with_bucket_name(BUCKET)
-            .with_region("us-east-1")
-            .with_access_key_id("test")
-            .with_secret_access_key("test")
-            .with_retry(RetryConfig {
-                backoff: BackoffConfig::default(),
-                max_retries,
-                retry_timeout: Duration::from_secs(2),
-            })
-            .build()
-            .unwrap();
-        Arc::new(s)
-    }
-}
-
-impl Drop for Moto {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 fn shard(prefix: &str, n: usize, payload: usize) -> Vec<u8> {
     let mut s = Shard::new();

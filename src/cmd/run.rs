@@ -121,6 +121,9 @@ pub async fn run(cfg: Config, cancel: CancellationToken) -> Result<RunSummary, T
     if let Some(k) = &path.kafka {
         // `/readyz` follows the broker connection.
         k.report_to(health.clone(), cancel.clone());
+    } else {
+        // ... or says when the object store cannot be reached.
+        data_metrics.report_to(health.clone(), cancel.clone());
     }
 
     let handle = tokio::runtime::Handle::current();

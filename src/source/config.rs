@@ -36,7 +36,8 @@ pub struct ObjectStoreSourceConfig {
     /// How often `follow` mode lists the prefix for new shards.
     #[serde(default = "default_poll_interval_ms")]
     pub poll_interval_ms: u64,
-    /// Retries of a failed shard read or listing before the shard is reported and skipped.
+    /// Retries of a failed shard read or listing before the shard is reported and skipped. A
+    /// store that cannot be reached at all is waited for instead, without limit.
     #[serde(default = "default_max_retries")]
     pub max_retries: u32,
     /// First retry delay; doubles each retry up to 30 s.

@@ -3,6 +3,7 @@
 
 use super::{RejectReason, RejectedRecord};
 use prometheus::{IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry};
+use std::sync::{Arc, Mutex};
 
 /// Counters for records read, rejected (by reason), decoded and batches out.
 #[derive(Clone, Debug)]
@@ -38,6 +39,11 @@ pub struct DataMetrics {
     pub source_commit_failures: IntCounter,
     /// `odcd_deadletter_records_total`: rejects written to the dead-letter store or topic.
     pub deadletter_written: IntCounter,
+    /// `odcd_source_store_unreachable`: 1 while the object-store source cannot reach its store
+    /// and waits for it.
+    pub store_unreachable: IntGauge,
+    /// Why the store cannot be reached, while it cannot (what `/readyz` says).
+    store_error: Arc<Mutex<Option<String>>>,
 }
 
 impl DataMetrics {
@@ -96,6 +102,11 @@ impl DataMetrics {
                 "odcd_source_commit_failures_total",
                 "Kafka offset commits that failed",
             )?,
+            store_unreachable: gauge(
+                "odcd_source_store_unreachable",
+                "1 while the object-store source cannot reach its store and waits for it",
+            )?,
+            store_error: Arc::new(Mutex::new(None)),
             deadletter_written: counter(
                 "odcd_deadletter_records_total",
                 "Rejected records written to the dead-letter store or topic",
@@ -122,6 +133,37 @@ impl DataMetrics {
     pub fn reject(&self, r: &RejectedRecord) {
         self.rejected.with_label_values(&[r.reason.as_str()]).inc();
         tracing::warn!(key = %r.key, position = ?r.position, reason = %r.reason, "{}", r.message);
+    }
+
+    /// The object-store source cannot reach its store (`Some(why)`), or can again (`None`).
+    pub fn set_store_error(&self, why: Option<String>) {
+        self.store_unreachable.set(i64::from(why.is_some()));
+        if let Ok(mut g) = self.store_error.lock() {
+            *g = why;
+        }
+    }
+
+    /// Why the object-store source cannot reach its store, while it cannot.
+    pub fn store_error(&self) -> Option<String> {
+        self.store_error.lock().ok().and_then(|g| g.clone())
+    }
+
+    /// Keep `/readyz` in step with the object-store source's outage state until `cancel`.
+    pub fn report_to(
+        &self,
+        health: crate::metrics::Health,
+        cancel: tokio_util::sync::CancellationToken,
+    ) {
+        let m = self.clone();
+        tokio::spawn(async move {
+            loop {
+                health.set_source_error(m.store_error());
+                tokio::select! {
+                    _ = cancel.cancelled() => return,
+                    _ = tokio::time::sleep(std::time::Duration::from_millis(250)) => {}
+                }
+            }
+        });
     }
 
     /// Current count for one reason (for tests and the `inspect` summary).

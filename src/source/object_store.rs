@@ -8,11 +8,47 @@ use futures::{StreamExt, TryStreamExt};
 use object_store::{path::Path, ObjectStore};
 use std::collections::BTreeSet;
 use std::ops::ControlFlow;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio_util::io::{StreamReader, SyncIoBridge};
 use tokio_util::sync::CancellationToken;
+
+/// While the store cannot be reached, it is probed at most this far apart (the retry backoff
+/// otherwise doubles to 30 s, which would leave the source idle long after the store is back).
+const OUTAGE_PROBE_MAX: Duration = Duration::from_secs(5);
+
+/// True when `e` says the store could not be reached at all (connection refused or reset,
+/// timed out, the request not sent): an outage of the server or the network, not a problem of
+/// the object. object_store has already retried such errors by then.
+pub fn store_unreachable(e: &object_store::Error) -> bool {
+    use std::io::ErrorKind as K;
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = cur {
+        if let Some(io) = err.downcast_ref::<std::io::Error>() {
+            if matches!(
+                io.kind(),
+                K::ConnectionRefused
+                    | K::ConnectionReset
+                    | K::ConnectionAborted
+                    | K::NotConnected
+                    | K::BrokenPipe
+                    | K::TimedOut
+                    | K::UnexpectedEof
+                    | K::AddrNotAvailable
+                    | K::HostUnreachable
+                    | K::NetworkUnreachable
+            ) {
+                return true;
+            }
+        }
+        cur = err.source();
+    }
+    // object_store's transport errors (as opposed to error statuses the server answered with)
+    // read "HTTP error: ..." in its retry error's text; their io cause is not always chained.
+    e.to_string().contains("HTTP error:")
+}
 
 /// True for the object names the source reads.
 pub fn is_shard_name(name: &str) -> bool {
@@ -198,7 +234,9 @@ impl ObjectStoreSource {
         Duration::from_millis(ms.min(30_000))
     }
 
-    /// List with retries; `None` when cancelled or still failing (logged).
+    /// List with retries; `None` when cancelled or still failing (logged). A store that cannot
+    /// be reached is waited for without limit (an outage is not the end of the data): the
+    /// source reports it ([`DataMetrics::set_store_error`]) and probes every few seconds.
     async fn list_retrying(&self, cancel: &CancellationToken) -> Option<Vec<(String, u64)>> {
         let mut attempt = 0;
         loop {
@@ -206,20 +244,100 @@ impl ObjectStoreSource {
                 return None;
             }
             match self.list_shard_sizes().await {
-                Ok(s) => return Some(s),
-                Err(e) if attempt < self.cfg.max_retries => {
-                    tracing::warn!(attempt, "{e}; retrying");
+                Ok(s) => {
+                    self.store_reachable();
+                    return Some(s);
+                }
+                Err(e) => {
+                    let unreachable = match &e {
+                        SourceError::List { source, .. } => store_unreachable(source),
+                        _ => false,
+                    };
+                    if unreachable {
+                        self.store_down(&e.to_string());
+                    } else if attempt >= self.cfg.max_retries {
+                        tracing::error!("{e}; giving up on this listing");
+                        return None;
+                    } else {
+                        tracing::warn!(attempt, "{e}; retrying");
+                    }
                     if let Some(m) = &self.metrics {
                         m.retries.inc();
                     }
-                    if !self.sleep(self.backoff(attempt), cancel).await {
+                    let pause = self.backoff(attempt);
+                    let pause = if unreachable {
+                        pause.min(OUTAGE_PROBE_MAX)
+                    } else {
+                        pause
+                    };
+                    if !self.sleep(pause, cancel).await {
                         return None;
                     }
                     attempt += 1;
                 }
-                Err(e) => {
-                    tracing::error!("{e}; giving up on this listing");
-                    return None;
+            }
+        }
+    }
+
+    /// The store could not be reached: report it (once per outage in the log).
+    fn store_down(&self, message: &str) {
+        let first = self
+            .metrics
+            .as_ref()
+            .is_none_or(|m| m.store_error().is_none());
+        if first {
+            tracing::error!(
+                url = %self.cfg.url,
+                "the source's object store cannot be reached ({message}); waiting for it, \
+                 retrying every few seconds"
+            );
+        }
+        if let Some(m) = &self.metrics {
+            m.set_store_error(Some(message.to_string()));
+        }
+    }
+
+    /// The store answered: clear an outage report.
+    fn store_reachable(&self) {
+        if let Some(m) = &self.metrics {
+            if m.store_error().is_some() {
+                tracing::info!(url = %self.cfg.url, "the source's object store is reachable again");
+                m.set_store_error(None);
+            }
+        }
+    }
+
+    /// After a shard's retries ran out: wait while the store itself cannot be reached (the
+    /// shard is not at fault then). Returns `Break` when cancelled, `Continue(true)` when the
+    /// store was down and is back (retry the shard afresh), `Continue(false)` when the store
+    /// answers (the shard itself fails: skip it).
+    async fn wait_out_outage(
+        &self,
+        shard: &str,
+        message: &str,
+        cancel: &CancellationToken,
+    ) -> ControlFlow<(), bool> {
+        let path = Path::from(shard);
+        let mut was_down = false;
+        loop {
+            let probe = tokio::select! {
+                _ = cancel.cancelled() => return ControlFlow::Break(()),
+                r = self.store.head(&path) => r,
+            };
+            match probe {
+                Err(e) if store_unreachable(&e) => {
+                    was_down = true;
+                    self.store_down(&format!("reading shard {shard}: {message}; probe: {e}"));
+                    if let Some(m) = &self.metrics {
+                        m.retries.inc();
+                    }
+                    if !self.sleep(OUTAGE_PROBE_MAX, cancel).await {
+                        return ControlFlow::Break(());
+                    }
+                }
+                _ => {
+                    self.store_reachable();
+                    return ControlFlow::Continue(was_down);
                 }
             }
         }
@@ -236,8 +354,10 @@ impl ObjectStoreSource {
         let mut delivered = skip;
         let mut attempt = 0;
         loop {
-            match self.read_once(shard, delivered, tx, cancel).await {
+            let down = Arc::new(AtomicBool::new(false));
+            match self.read_once(shard, delivered, tx, cancel, &down).await {
                 ShardEnd::Done { .. } => {
+                    self.store_reachable();
                     if let Some(m) = &self.metrics {
                         m.shards_read.inc();
                     }
@@ -246,6 +366,21 @@ impl ObjectStoreSource {
                 ShardEnd::Stopped { .. } => return ControlFlow::Break(()),
                 ShardEnd::Transport { items, message } => {
                     delivered = delivered.max(items);
+                    // A failure that looks like the store's outage, and any failure once the
+                    // shard's retries are spent, first asks whether the store answers at all:
+                    // while it does not, the shard is not at fault and is waited for.
+                    if down.load(Ordering::Relaxed) || attempt >= self.cfg.max_retries {
+                        match self.wait_out_outage(shard, &message, cancel).await {
+                            ControlFlow::Break(()) => return ControlFlow::Break(()),
+                            ControlFlow::Continue(true) => {
+                                // The failures were the store's outage: the shard gets its
+                                // retries afresh.
+                                attempt = 0;
+                                continue;
+                            }
+                            ControlFlow::Continue(false) => {}
+                        }
+                    }
                     if attempt >= self.cfg.max_retries {
                         let item = Err(RejectedRecord {
                             key: shard.to_string(),
@@ -284,14 +419,21 @@ impl ObjectStoreSource {
         skip: u64,
         tx: &mpsc::Sender<SourceItem>,
         cancel: &CancellationToken,
+        down: &Arc<AtomicBool>,
     ) -> ShardEnd {
         let path = Path::from(shard);
         let got = tokio::select! {
             _ = cancel.cancelled() => return ShardEnd::Stopped { items: skip },
             r = self.store.get(&path) => r,
         };
+        if let Err(e) = &got {
+            down.store(store_unreachable(e), Ordering::Relaxed);
+        }
         let get = match got {
-            Ok(g) => g,
+            Ok(g) => {
+                self.store_reachable();
+                g
+            }
             // NotFound is retried too: after a successful listing it is as likely a restarted or
             // failing-over server as a deletion; a shard that stays gone is reported after retries.
             Err(object_store::Error::NotFound { .. }) => {
@@ -309,9 +451,11 @@ impl ObjectStoreSource {
         };
         let fault = TransportFault::default();
         let fault_in = fault.clone();
+        let down_in = down.clone();
         let bytes = Box::pin(
             get.into_stream()
                 .map_err(move |e| {
+                    down_in.store(store_unreachable(&e), Ordering::Relaxed);
                     fault_in.set(e.to_string());
                     std::io::Error::other(e)
                 })
@@ -406,5 +550,44 @@ async fn send(
     tokio::select! {
         _ = cancel.cancelled() => ControlFlow::Break(()),
         r = tx.send(item) => if r.is_ok() { ControlFlow::Continue(()) } else { ControlFlow::Break(()) },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use object_store::{aws::AmazonS3Builder, BackoffConfig, RetryConfig};
+
+    /// An S3 endpoint nobody listens on is an outage of the store; a missing object in a store
+    /// that answers is not.
+    #[tokio::test]
+    async fn a_refused_connection_is_an_unreachable_store_and_a_missing_object_is_not() {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map(|a| a.port())
+            .unwrap_or(1);
+        let down = AmazonS3Builder::new()
+            .with_endpoint(format!("http://127.0.0.1:{port}"))
+            .with_allow_http(true)
+            .with_bucket_name("b")
+            .with_region("us-east-1")
+            .with_access_key_id("k")
+            .with_secret_access_key("s")
+            .with_retry(RetryConfig {
+                backoff: BackoffConfig::default(),
+                max_retries: 0,
+                retry_timeout: Duration::from_secs(1),
+            })
+            .build()
+            .unwrap();
+        let e = down.head(&Path::from("x.tar")).await.unwrap_err();
+        assert!(store_unreachable(&e), "{e}");
+        let e = down.list(None).try_collect::<Vec<_>>().await.unwrap_err();
+        assert!(store_unreachable(&e), "{e}");
+
+        let dir = tempfile::tempdir().unwrap();
+        let local = object_store::local::LocalFileSystem::new_with_prefix(dir.path()).unwrap();
+        let e = local.head(&Path::from("x.tar")).await.unwrap_err();
+        assert!(!store_unreachable(&e), "{e}");
     }
 }

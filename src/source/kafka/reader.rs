@@ -5,7 +5,7 @@
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex, OnceLock};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use futures::{FutureExt, StreamExt};
 use rdkafka::consumer::{Consumer, MessageStream};
@@ -193,6 +193,7 @@ struct Reader {
     copy: MessageCopier,
     base: Duration,
     backoff: Duration,
+    pacing: ErrorPacing,
     burst: usize,
 }
 
@@ -214,6 +215,7 @@ impl Reader {
             copy: MessageCopier::default(),
             base,
             backoff: base,
+            pacing: ErrorPacing::default(),
             burst,
         }
     }
@@ -242,6 +244,7 @@ impl Reader {
             match msg {
                 Ok(m) => {
                     self.backoff = self.base;
+                    self.pacing.message();
                     match message_items(&m, &self.cfg, &self.shared, &mut self.copy) {
                         Parsed::Ready(item) => self.items.push(item),
                         Parsed::Shard(s) => {
@@ -253,6 +256,13 @@ impl Reader {
                 Err(e) => {
                     // librdkafka reconnects by itself; wait so a persistent error does not spin.
                     self.metrics.retries.inc();
+                    if !self.pacing.should_pause(Instant::now()) {
+                        // Queued during the last pause: an outage queues one every few
+                        // seconds, and a pause for each would keep the reader asleep long
+                        // after the broker is back.
+                        tracing::debug!("kafka source: {e} (queued during the last pause)");
+                        return send_all(&self.tx, &self.metrics, &mut self.items).await;
+                    }
                     tracing::warn!(
                         "kafka source: {e}; retrying in {} ms",
                         self.backoff.as_millis()
@@ -271,7 +281,8 @@ impl Reader {
                         _ = cancel.cancelled() => return false,
                         _ = tokio::time::sleep(self.backoff) => {}
                     }
-                    self.backoff = (self.backoff * 2).min(Duration::from_secs(30));
+                    self.backoff = next_error_backoff(self.backoff, self.base);
+                    self.pacing.woke(Instant::now());
                     return true;
                 }
             }
@@ -311,6 +322,57 @@ impl Reader {
     }
 }
 
+/// The longest wait after consumer errors (unless `retry_backoff_ms` is longer): librdkafka
+/// reconnects by itself, and the errors of an outage stay queued, so a long wait per error
+/// would leave the source asleep long after the broker is back (with 30 s, minutes).
+const ERROR_BACKOFF_MAX: Duration = Duration::from_secs(2);
+
+/// An error read this soon after a pause ended was already queued when it ended.
+const QUEUED_ERROR_WINDOW: Duration = Duration::from_millis(200);
+
+/// Queued errors skipped in a row before the reader pauses anyway (no spin, whatever comes).
+const MAX_QUEUED_ERRORS_SKIPPED: u32 = 10_000;
+
+/// Which consumer errors get a pause: not those already queued when the last pause ended.
+#[derive(Default)]
+struct ErrorPacing {
+    /// When the last pause ended (or the last queued error was skipped).
+    woke_at: Option<Instant>,
+    skipped: u32,
+}
+
+impl ErrorPacing {
+    /// True when the error read at `now` gets a pause.
+    fn should_pause(&mut self, now: Instant) -> bool {
+        let queued = self
+            .woke_at
+            .is_some_and(|t| now.saturating_duration_since(t) < QUEUED_ERROR_WINDOW);
+        if queued && self.skipped < MAX_QUEUED_ERRORS_SKIPPED {
+            self.skipped += 1;
+            self.woke_at = Some(now);
+            return false;
+        }
+        self.skipped = 0;
+        true
+    }
+
+    /// A pause ended at `now`.
+    fn woke(&mut self, now: Instant) {
+        self.woke_at = Some(now);
+    }
+
+    /// A message arrived: the next error is a fresh one.
+    fn message(&mut self) {
+        self.woke_at = None;
+        self.skipped = 0;
+    }
+}
+
+/// The wait after the next consumer error: doubled, at most [`ERROR_BACKOFF_MAX`] or `base`.
+fn next_error_backoff(cur: Duration, base: Duration) -> Duration {
+    (cur * 2).min(ERROR_BACKOFF_MAX.max(base))
+}
+
 /// Hands `items` downstream in order, reserving channel slots for as many as fit at once.
 /// No select on `cancel` (hot path): on cancel the decode stage drops its receiver, which
 /// ends the wait. False when the receiver is gone.
@@ -332,5 +394,48 @@ async fn send_all(
         for (permit, item) in permits.zip(rest.by_ref()) {
             permit.send(item);
         }
+    }
+}
+
+#[cfg(test)]
+mod backoff_tests {
+    use super::*;
+
+    /// After the errors of a long outage the source waits at most 2 s between reads (unless
+    /// configured longer), so it reads again within seconds of the broker's return.
+    #[test]
+    fn the_error_backoff_stays_short_after_many_errors() {
+        let base = Duration::from_millis(500);
+        let mut b = base;
+        for _ in 0..20 {
+            b = next_error_backoff(b, base);
+        }
+        assert_eq!(b, Duration::from_secs(2));
+        let slow = Duration::from_secs(5);
+        assert_eq!(next_error_backoff(slow, slow), slow);
+    }
+
+    /// The errors an outage queued are read one after another right after a pause: only the
+    /// first gets a pause, so the reader catches up at once; a fresh error later gets one.
+    #[test]
+    fn errors_queued_during_a_pause_get_no_pause_of_their_own() {
+        let mut p = ErrorPacing::default();
+        let t = Instant::now();
+        assert!(p.should_pause(t), "a first error pauses");
+        p.woke(t + Duration::from_secs(2));
+        for i in 1..=100 {
+            let at = t + Duration::from_secs(2) + Duration::from_millis(i);
+            assert!(!p.should_pause(at), "queued error {i}");
+        }
+        assert!(
+            p.should_pause(t + Duration::from_secs(10)),
+            "a fresh error pauses"
+        );
+        p.woke(t + Duration::from_secs(12));
+        p.message();
+        assert!(
+            p.should_pause(t + Duration::from_secs(12)),
+            "after a message, errors are fresh"
+        );
     }
 }
