@@ -20,35 +20,9 @@ use candle_core::Device;
 use odcd::odc::{kmeans_on, KMeansConfig, MemoryCompute, OdcMemory};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
-use rayon::prelude::*;
-use std::time::Instant;
 
-fn env(name: &str, default: usize) -> usize {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
-/// Non-negative random features (like post-ReLU neck output), generated in parallel.
-fn features(n: usize, d: usize, seed: u64) -> Vec<f32> {
-    let mut out = vec![0f32; n * d];
-    out.par_chunks_mut(d * 4096)
-        .enumerate()
-        .for_each(|(i, chunk)| {
-            let mut rng = ChaCha8Rng::seed_from_u64(seed ^ (i as u64).wrapping_mul(0x9E37_79B9));
-            for x in chunk {
-                *x = rng.random::<f32>();
-            }
-        });
-    out
-}
-
-fn ms<T>(f: impl FnOnce() -> T) -> (T, f64) {
-    let t = Instant::now();
-    let r = f();
-    (r, t.elapsed().as_secs_f64() * 1e3)
-}
+mod common;
+use common::{env, features, time};
 
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
@@ -93,7 +67,7 @@ fn main() {
                     seed: 0,
                     ..Default::default()
                 };
-                let (r, t) = ms(|| kmeans_on(&points, d, &cfg, compute));
+                let (r, t) = time(|| kmeans_on(&points, d, &cfg, compute));
                 if let Err(e) = r {
                     fail("kmeans", e);
                 }
@@ -129,7 +103,7 @@ fn main() {
         for step in 0..=steps {
             let slots: Vec<u32> = (0..b).map(|_| rng.random_range(0..m as u32)).collect();
             let f = features(b, d, 100 + step as u64);
-            let (r, dt) = ms(|| mem.update_samples(&slots, &f, 0.5));
+            let (r, dt) = time(|| mem.update_samples(&slots, &f, 0.5));
             if let Err(e) = r {
                 fail("update_samples", e);
             }
@@ -141,7 +115,7 @@ fn main() {
         relabel[p] = median(t);
         let mut t = Vec::new();
         for _ in 0..reps {
-            let (r, dt) = ms(|| mem.update_centroids(None));
+            let (r, dt) = time(|| mem.update_centroids(None));
             if let Err(e) = r {
                 fail("update_centroids", e);
             }
