@@ -8,29 +8,9 @@
 use odcd::odc::OdcMemory;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
-use rayon::prelude::*;
-use std::time::Instant;
 
-fn env(name: &str, default: usize) -> usize {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
-/// Non-negative random features (like post-ReLU neck output), generated in parallel.
-fn features(n: usize, d: usize, seed: u64) -> Vec<f32> {
-    let mut out = vec![0f32; n * d];
-    out.par_chunks_mut(d * 4096)
-        .enumerate()
-        .for_each(|(i, chunk)| {
-            let mut rng = ChaCha8Rng::seed_from_u64(seed ^ (i as u64).wrapping_mul(0x9E37_79B9));
-            for x in chunk {
-                *x = rng.random::<f32>();
-            }
-        });
-    out
-}
+mod common;
+use common::{env, features, time};
 
 struct Timing {
     name: &'static str,
@@ -53,12 +33,6 @@ impl Timing {
             max
         )
     }
-}
-
-fn time<T>(f: impl FnOnce() -> T) -> (T, f64) {
-    let t = Instant::now();
-    let r = f();
-    (r, t.elapsed().as_secs_f64() * 1e3)
 }
 
 /// Makes `count` clusters small (3 members left) by moving their other members to the next

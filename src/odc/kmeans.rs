@@ -2,12 +2,19 @@
 //! the input, K distinct random points as initial centroids, Lloyd iterations with faiss's
 //! empty-cluster splitting, final labels = nearest centroid.
 //!
+//! With [`MemoryCompute::Device`] ([`kmeans_on`]) the assignment pass (the n × K × D product
+//! and the argmin, chunked to bound device memory) and the centroid update run on that
+//! device, over a copy of the training points uploaded once; the empty-cluster splits stay on
+//! the host (K × D per iteration).
+//!
 //! Deviation: faiss draws from its own Mersenne-Twister generator; this port uses ChaCha8
 //! with the same seeds (`seed + 1` for the initial permutation, 1234 for splits), so the
 //! procedure is the same but the random draws are not bit-identical to faiss.
 
+use super::compute::{self, device_error, MemoryCompute};
 use super::linalg::{check_finite, check_rows, matmul_abt, normalise_into};
 use super::{OdcError, Result};
+use candle_core::{Device, Tensor};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use rayon::prelude::*;
@@ -55,13 +62,18 @@ pub struct KMeansResult {
     pub splits: usize,
 }
 
+/// Squared norm of every centroid, summed in f32 in index order (both paths use these).
+fn centroid_norms(centroids: &[f32], dim: usize) -> Vec<f32> {
+    centroids
+        .par_chunks(dim)
+        .map(|c| c.iter().map(|v| v * v).sum())
+        .collect()
+}
+
 /// L2-nearest centroid of every row plus the squared distance, using
 /// `‖x‖² + ‖c‖² − 2 x·c` with gemm, in blocks so memory stays bounded.
 fn assign(data: &[f32], dim: usize, centroids: &[f32], k: usize) -> (Vec<u32>, Vec<f32>) {
-    let c_norms: Vec<f32> = centroids
-        .par_chunks(dim)
-        .map(|c| c.iter().map(|v| v * v).sum())
-        .collect();
+    let c_norms = centroid_norms(centroids, dim);
     let n = data.len() / dim;
     let mut labels = vec![0u32; n];
     let mut dists = vec![0f32; n];
@@ -98,22 +110,7 @@ fn assign(data: &[f32], dim: usize, centroids: &[f32], k: usize) -> (Vec<u32>, V
 /// Per-cluster means (f64 accumulation, f32 result) and sizes. Clusters without points keep
 /// a zero row here; the caller splits them.
 fn means(data: &[f32], dim: usize, labels: &[u32], k: usize) -> (Vec<f32>, Vec<usize>) {
-    // counting sort of point indices by cluster, so each cluster is summed by one task in a
-    // fixed order (deterministic whatever the thread count)
-    let mut sizes = vec![0usize; k];
-    for &l in labels {
-        sizes[l as usize] += 1;
-    }
-    let mut start = vec![0usize; k + 1];
-    for c in 0..k {
-        start[c + 1] = start[c] + sizes[c];
-    }
-    let mut fill = start.clone();
-    let mut order = vec![0u32; labels.len()];
-    for (i, &l) in labels.iter().enumerate() {
-        order[fill[l as usize]] = i as u32;
-        fill[l as usize] += 1;
-    }
+    let (order, start, sizes) = group_by_label(labels, k);
     let mut centroids = vec![0f32; k * dim];
     centroids
         .par_chunks_mut(dim)
@@ -137,6 +134,27 @@ fn means(data: &[f32], dim: usize, labels: &[u32], k: usize) -> (Vec<f32>, Vec<u
             }
         });
     (centroids, sizes)
+}
+
+/// Counting sort of point indices by cluster (ascending index within a cluster), so each
+/// cluster is summed in a fixed order whatever the thread count: the rows of cluster c are
+/// `order[start[c]..start[c+1]]`. Also returns the sizes.
+fn group_by_label(labels: &[u32], k: usize) -> (Vec<u32>, Vec<usize>, Vec<usize>) {
+    let mut sizes = vec![0usize; k];
+    for &l in labels {
+        sizes[l as usize] += 1;
+    }
+    let mut start = vec![0usize; k + 1];
+    for c in 0..k {
+        start[c + 1] = start[c] + sizes[c];
+    }
+    let mut fill = start.clone();
+    let mut order = vec![0u32; labels.len()];
+    for (i, &l) in labels.iter().enumerate() {
+        order[fill[l as usize]] = i as u32;
+        fill[l as usize] += 1;
+    }
+    (order, start, sizes)
 }
 
 /// faiss `split_clusters`: every empty cluster copies a donor picked by scanning
@@ -200,9 +218,22 @@ fn random_subset(n: usize, m: usize, seed: u64) -> Vec<usize> {
     perm
 }
 
-/// Clusters `data` (n × dim, row-major) into `cfg.k` clusters. The data is L2-normalised
-/// (eps 1e-10) on a copy first, as OSS does before faiss. Needs n ≥ k and finite input.
+/// Clusters `data` (n × dim, row-major) into `cfg.k` clusters with host kernels. The data is
+/// L2-normalised (eps 1e-10) on a copy first, as OSS does before faiss. Needs n ≥ k and
+/// finite input.
 pub fn kmeans(data: &[f32], dim: usize, cfg: &KMeansConfig) -> Result<KMeansResult> {
+    kmeans_on(data, dim, cfg, &MemoryCompute::Host)
+}
+
+/// [`kmeans`] with its assignment passes and centroid updates where `compute` says. The
+/// device path gives the same labels whenever no point is within a few f32 ulps of two
+/// centroids (see `compute.rs`), and centroids within 1 ulp.
+pub fn kmeans_on(
+    data: &[f32],
+    dim: usize,
+    cfg: &KMeansConfig,
+    compute: &MemoryCompute,
+) -> Result<KMeansResult> {
     let k = cfg.k;
     if dim == 0 || k == 0 {
         return Err(OdcError::InvalidParameter(format!(
@@ -240,6 +271,10 @@ pub fn kmeans(data: &[f32], dim: usize, cfg: &KMeansConfig) -> Result<KMeansResu
     for i in random_subset(nt, k, cfg.seed.wrapping_add(1)) {
         centroids.extend_from_slice(&train_x[i * dim..(i + 1) * dim]);
     }
+    if let Some(dev) = compute.device() {
+        return lloyd_on_device(dev, &x, &train, dim, cfg, centroids)
+            .map_err(|e| device_error("k-means", e));
+    }
     let mut objective = Vec::with_capacity(cfg.niter);
     let mut splits = 0;
     for _ in 0..cfg.niter {
@@ -250,6 +285,57 @@ pub fn kmeans(data: &[f32], dim: usize, cfg: &KMeansConfig) -> Result<KMeansResu
         centroids = c;
     }
     let (labels, _) = assign(&x, dim, &centroids, k);
+    Ok(KMeansResult {
+        centroids,
+        labels,
+        objective,
+        splits,
+    })
+}
+
+/// The Lloyd iterations and the final assignment on `dev`. `train` is empty when the
+/// training set is all of `x`. Moves the training points up once (plus `x` when it is a
+/// different set), and per iteration K × D centroids up and down and n labels + distances
+/// and the grouped point ids (~n × 12 bytes) across.
+fn lloyd_on_device(
+    dev: &Device,
+    x: &[f32],
+    train: &[f32],
+    dim: usize,
+    cfg: &KMeansConfig,
+    mut centroids: Vec<f32>,
+) -> candle_core::Result<KMeansResult> {
+    let k = cfg.k;
+    let train_x: &[f32] = if train.is_empty() { x } else { train };
+    let nt = train_x.len() / dim;
+    // one zero row after the points pads the cluster sums' blocks
+    let train_t = compute::upload_rows(train_x, dim, 1, dev)?;
+    let train_pts = train_t.narrow(0, 0, nt)?;
+    let mut objective = Vec::with_capacity(cfg.niter);
+    let mut splits = 0;
+    for _ in 0..cfg.niter {
+        let c_t = Tensor::from_slice(&centroids, (k, dim), dev)?;
+        let c_norms = Tensor::from_vec(centroid_norms(&centroids, dim), (1, k), dev)?;
+        let (labels, dists) = compute::assign_l2(&train_pts, &c_t, &c_norms)?;
+        objective.push(dists.iter().map(|&d| d as f64).sum());
+        let (order, start, mut sizes) = group_by_label(&labels, k);
+        let sums = compute::cluster_sums(&train_t, &order, &start, compute::SUM_BLOCK)?;
+        let mut c = compute::cluster_means(&sums, &sizes)?
+            .flatten_all()?
+            .to_vec1::<f32>()?;
+        splits += split_empty(&mut c, &mut sizes, dim, nt, cfg.split_seed);
+        centroids = c;
+    }
+    let c_t = Tensor::from_slice(&centroids, (k, dim), dev)?;
+    let c_norms = Tensor::from_vec(centroid_norms(&centroids, dim), (1, k), dev)?;
+    let (labels, _) = if train.is_empty() {
+        compute::assign_l2(&train_pts, &c_t, &c_norms)?
+    } else {
+        drop(train_t);
+        let n = x.len() / dim;
+        let all = compute::upload_rows(x, dim, 0, dev)?;
+        compute::assign_l2(&all.narrow(0, 0, n)?, &c_t, &c_norms)?
+    };
     Ok(KMeansResult {
         centroids,
         labels,
@@ -333,6 +419,98 @@ mod tests {
         mem.init_memory(&data, &r.labels).unwrap();
         mem.deal_with_small_clusters(1).unwrap();
         assert!(mem.sizes().iter().all(|&s| s > 0), "{:?}", mem.sizes());
+    }
+
+    /// One assignment pass, host kernels against the device path on candle's CPU device, on
+    /// random unit-length points. The device scores with another f32 summation order, so a
+    /// point whose two nearest centroids are within a few ulps may resolve differently; every
+    /// point with a margin over 1e-5 must get the same label, and every squared distance must
+    /// agree within 1e-5. (On this data no point is that close: all labels agree.)
+    #[test]
+    fn device_assignment_pass_matches_the_host() {
+        let (n, k, dim) = (3000usize, 40usize, 24usize);
+        let mut rng = ChaCha8Rng::seed_from_u64(9);
+        let mut x: Vec<f32> = (0..n * dim)
+            .map(|_| rng.random_range(-1.0f32..1.0))
+            .collect();
+        crate::odc::normalise_rows(&mut x, dim);
+        let c: Vec<f32> = x[..k * dim].to_vec();
+        let (hl, hd) = assign(&x, dim, &c, k);
+        let dev = Device::Cpu;
+        let xt = Tensor::from_slice(&x, (n, dim), &dev).unwrap();
+        let ct = Tensor::from_slice(&c, (k, dim), &dev).unwrap();
+        let cn = Tensor::from_vec(centroid_norms(&c, dim), (1, k), &dev).unwrap();
+        let (dl, dd) = compute::assign_l2(&xt, &ct, &cn).unwrap();
+        let c_norms = centroid_norms(&c, dim);
+        let mut near_ties = 0;
+        for i in 0..n {
+            let row = &x[i * dim..(i + 1) * dim];
+            let mut dist: Vec<f32> = (0..k)
+                .map(|j| {
+                    let dot: f32 = row.iter().zip(&c[j * dim..]).map(|(a, b)| a * b).sum();
+                    c_norms[j] - 2.0 * dot
+                })
+                .collect();
+            dist.sort_by(f32::total_cmp);
+            if dist[1] - dist[0] <= 1e-5 {
+                near_ties += 1;
+                continue;
+            }
+            assert_eq!(hl[i], dl[i], "point {i}");
+            assert!(
+                (hd[i] - dd[i]).abs() <= 1e-5,
+                "point {i}: {} vs {}",
+                hd[i],
+                dd[i]
+            );
+        }
+        assert_eq!(near_ties, 0, "the data was meant to have no near tie");
+    }
+
+    /// Whole k-means runs, host against device path, on blobs plus a block of identical points
+    /// (so Lloyd empties clusters and splits them), over several seeds: same labels, same
+    /// split count, centroids within 1e-6 (f64 sums in another order round to the same f32 or
+    /// 1 ulp apart), objectives within 1e-4 relative.
+    #[test]
+    fn device_kmeans_matches_the_host() {
+        let (g, per, dim) = (4, 40, 8);
+        let mut data = blobs(g, per, dim, 11);
+        data.extend(std::iter::repeat_n(0.5f32, 40 * dim));
+        let device = MemoryCompute::generic(&Device::Cpu);
+        let mut total_splits = 0;
+        for seed in 0..6 {
+            let cfg = KMeansConfig {
+                k: 12,
+                niter: 6,
+                seed,
+                ..Default::default()
+            };
+            let h = kmeans(&data, dim, &cfg).unwrap();
+            let d = kmeans_on(&data, dim, &cfg, &device).unwrap();
+            assert_eq!(h.labels, d.labels, "seed {seed}");
+            assert_eq!(h.splits, d.splits, "seed {seed}");
+            total_splits += h.splits;
+            for (a, b) in h.centroids.iter().zip(&d.centroids) {
+                assert!((a - b).abs() <= 1e-6, "seed {seed}: {a} vs {b}");
+            }
+            for (a, b) in h.objective.iter().zip(&d.objective) {
+                assert!(
+                    (a - b).abs() <= 1e-4 * a.abs().max(1.0),
+                    "seed {seed}: {a} vs {b}"
+                );
+            }
+        }
+        assert!(total_splits > 0, "the data was meant to empty clusters");
+        // a subsampled training set takes the other upload path
+        let sub = KMeansConfig {
+            k: 12,
+            niter: 4,
+            max_points_per_centroid: Some(10),
+            ..Default::default()
+        };
+        let h = kmeans(&data, dim, &sub).unwrap();
+        let d = kmeans_on(&data, dim, &sub, &device).unwrap();
+        assert_eq!(h.labels, d.labels);
     }
 
     #[test]

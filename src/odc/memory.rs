@@ -3,14 +3,132 @@
 //! Semantics follow `shared/conformance/odc/README.md` §2 exactly. Cluster sizes and member
 //! lists are maintained on every label change, so the per-step work (class weights, finding
 //! small clusters, finding the largest cluster and its members) never scans the whole memory.
+//!
+//! With [`MemoryCompute::Device`] the heavy products run on that device (`compute.rs`): the
+//! relabel and phase-A scoring against a device copy of the centroids, and the full centroid
+//! recompute over a device copy of the bank. The host arrays stay the state of record; the
+//! device copies are refreshed lazily, only in the rows that changed since the last use.
 
+use super::compute::{self, device_error, DirtyRows, MemoryCompute};
 use super::linalg::{check_finite, check_rows, matmul_abt, nearest_by_dot, normalise_into};
 use super::two_means::two_means;
 use super::{OdcError, Result, WEIGHT_EPS, WEIGHT_POWER};
+use candle_core::{Device, Tensor};
 use rayon::prelude::*;
+use std::sync::Mutex;
 
 /// Marks "slot not in any member list" in `pos`.
 const NO_POS: u32 = u32::MAX;
+
+/// Device copies of the centroids and of the bank, and which of their rows are stale.
+///
+/// Data movement per training step at ImageNet scale (K = 10,000, M = 1.28 M, D = 256,
+/// B = 512, centroid interval 10): the relabel uploads the B mixed rows (512 KiB) and reads
+/// back B labels; the rows a step changed on the host (a phase-B recompute of two centroids,
+/// the batch's bank rows) are re-sent only when the device copy is next used, so the bank
+/// copy receives at most 10 × B rows (5 MiB) plus the slot ids grouped by cluster (~6 MiB)
+/// per recompute, and the recomputed centroids come back once (10 MiB). The whole bank
+/// (1.3 GB) crosses only at the first use after `init_memory`, a restore or a compute switch.
+#[derive(Debug)]
+struct DeviceMirror {
+    device: Device,
+    /// k × dim f32.
+    centroids: Option<Tensor>,
+    centroids_dirty: DirtyRows,
+    /// (capacity + 1) × dim f32; the extra last row stays zero (padding of the cluster sums).
+    bank: Option<Tensor>,
+    bank_dirty: DirtyRows,
+}
+
+impl DeviceMirror {
+    fn new(device: Device, k: usize, capacity: usize) -> Self {
+        Self {
+            device,
+            centroids: None,
+            centroids_dirty: DirtyRows::all(k),
+            bank: None,
+            bank_dirty: DirtyRows::all(capacity),
+        }
+    }
+
+    /// The device centroids, after re-sending the rows that changed on the host.
+    fn centroids(&mut self, host: &[f32], d: usize) -> candle_core::Result<&Tensor> {
+        sync(
+            &mut self.centroids,
+            &mut self.centroids_dirty,
+            host,
+            d,
+            0,
+            &self.device,
+        )
+    }
+
+    /// The device bank (plus its zero padding row), after re-sending the changed rows.
+    fn bank(&mut self, host: &[f32], d: usize) -> candle_core::Result<&Tensor> {
+        sync(
+            &mut self.bank,
+            &mut self.bank_dirty,
+            host,
+            d,
+            1,
+            &self.device,
+        )
+    }
+}
+
+fn sync<'a>(
+    mirror: &'a mut Option<Tensor>,
+    dirty: &mut DirtyRows,
+    host: &[f32],
+    d: usize,
+    pad_rows: usize,
+    dev: &Device,
+) -> candle_core::Result<&'a Tensor> {
+    let t = match mirror.take() {
+        Some(t) if !dirty.wants_full() => {
+            compute::refresh_rows(&t, host, d, &dirty.sorted())?;
+            t
+        }
+        _ => compute::upload_rows(host, d, pad_rows, dev)?,
+    };
+    dirty.clear();
+    Ok(mirror.insert(t))
+}
+
+/// The device side of an [`OdcMemory`] on the device path. Behind a mutex so that the
+/// `&self` scoring of new keys can refresh the centroid copy. A clone starts with nothing on
+/// the device: the copies are updated in place, so two memories must never share them.
+#[derive(Debug)]
+struct MirrorCell(Mutex<DeviceMirror>);
+
+impl Clone for MirrorCell {
+    fn clone(&self) -> Self {
+        let m = self.lock();
+        let (k, cap) = (m.centroids_dirty.len(), m.bank_dirty.len());
+        MirrorCell(Mutex::new(DeviceMirror::new(m.device.clone(), k, cap)))
+    }
+}
+
+impl MirrorCell {
+    // A poisoned lock only follows a panic in another thread mid-update; the copies may then
+    // be stale, so the next use re-sends them whole.
+    fn lock(&self) -> std::sync::MutexGuard<'_, DeviceMirror> {
+        self.0.lock().unwrap_or_else(|p| {
+            let mut m = p.into_inner();
+            m.centroids_dirty.mark_all();
+            m.bank_dirty.mark_all();
+            m
+        })
+    }
+    fn get_mut(&mut self) -> &mut DeviceMirror {
+        self.0.get_mut().unwrap_or_else(|p| {
+            let m = p.into_inner();
+            m.centroids_dirty.mark_all();
+            m.bank_dirty.mark_all();
+            m
+        })
+    }
+}
 
 /// Slot-indexed samples memory plus centroids memory, f32 storage.
 #[derive(Debug, Clone)]
@@ -29,6 +147,8 @@ pub struct OdcMemory {
     /// Index of each occupied slot inside `members[labels[slot]]`.
     pos: Vec<u32>,
     len: usize,
+    /// Device copies when the heavy work runs on a device; `None` on the host path.
+    device: Option<MirrorCell>,
 }
 
 /// Result of [`OdcMemory::update_samples`].
@@ -122,6 +242,7 @@ impl OdcMemory {
             members: vec![Vec::new(); k],
             pos: vec![NO_POS; capacity],
             len: 0,
+            device: None,
         })
     }
 
@@ -199,6 +320,121 @@ impl OdcMemory {
             .map_or(&[], Vec::as_slice)
     }
 
+    /// Where the relabel, phase-A scoring and full centroid recompute run. Switching to a
+    /// device sends the whole bank and centroids there at their next use.
+    pub fn set_compute(&mut self, compute: &MemoryCompute) {
+        self.device = compute.device().map(|d| {
+            MirrorCell(Mutex::new(DeviceMirror::new(
+                d.clone(),
+                self.k,
+                self.capacity(),
+            )))
+        });
+    }
+
+    /// The current choice of [`Self::set_compute`].
+    pub fn compute(&self) -> MemoryCompute {
+        match &self.device {
+            None => MemoryCompute::Host,
+            Some(cell) => MemoryCompute::Device(cell.lock().device.clone()),
+        }
+    }
+
+    fn mark_bank_row(&mut self, slot: u32) {
+        if let Some(cell) = &mut self.device {
+            cell.get_mut().bank_dirty.mark(slot);
+        }
+    }
+    fn mark_bank_all(&mut self) {
+        if let Some(cell) = &mut self.device {
+            cell.get_mut().bank_dirty.mark_all();
+        }
+    }
+    fn mark_centroid(&mut self, c: u32) {
+        if let Some(cell) = &mut self.device {
+            cell.get_mut().centroids_dirty.mark(c);
+        }
+    }
+    fn mark_centroids_all(&mut self) {
+        if let Some(cell) = &mut self.device {
+            cell.get_mut().centroids_dirty.mark_all();
+        }
+    }
+
+    /// For every row of `rows` (r × dim), the centroid with the largest raw dot product
+    /// (restricted to `mask`; ties: lowest id), on the host or on the device.
+    fn nearest_rows(&self, rows: &[f32], mask: Option<&[bool]>) -> Result<Vec<Option<u32>>> {
+        let Some(cell) = &self.device else {
+            return Ok(nearest_by_dot(
+                rows,
+                self.dim,
+                &self.centroids,
+                self.k,
+                mask,
+            ));
+        };
+        if mask.is_some_and(|m| !m.contains(&true)) {
+            return Ok(vec![None; rows.len() / self.dim]);
+        }
+        let mut mirror = cell.lock();
+        let c = mirror
+            .centroids(&self.centroids, self.dim)
+            .map_err(|e| device_error("centroid upload", e))?;
+        let labels = compute::nearest_by_dot(rows, self.dim, c, mask)
+            .map_err(|e| device_error("relabel", e))?;
+        Ok(labels.into_iter().map(Some).collect())
+    }
+
+    /// Full centroid recompute on the device: f64 sums of the device bank grouped by label
+    /// (ascending slots within a cluster), divided by the sizes, rounded to f32. A cluster
+    /// without members keeps its centroid, as on the host.
+    fn update_centroids_on_device(&mut self) -> Result<()> {
+        let (d, k) = (self.dim, self.k);
+        let sizes = self.sizes();
+        let mut start = vec![0usize; k + 1];
+        for c in 0..k {
+            start[c + 1] = start[c] + sizes[c];
+        }
+        let mut fill = start.clone();
+        let mut order = vec![0u32; self.len];
+        for (slot, (&occ, &l)) in self.occupied.iter().zip(&self.labels).enumerate() {
+            if occ {
+                order[fill[l as usize]] = slot as u32;
+                fill[l as usize] += 1;
+            }
+        }
+        let Self {
+            bank,
+            centroids,
+            device,
+            ..
+        } = self;
+        let Some(cell) = device else {
+            return Ok(());
+        };
+        let mirror = cell.get_mut();
+        let err = |e| device_error("centroid recompute", e);
+        let bank_t = mirror.bank(bank, d).map_err(err)?;
+        let sums =
+            compute::cluster_sums(bank_t, &order, &start, compute::SUM_BLOCK).map_err(err)?;
+        let means = compute::cluster_means(&sums, &sizes).map_err(err)?;
+        let host = means
+            .flatten_all()
+            .and_then(|t| t.to_vec1::<f32>())
+            .map_err(err)?;
+        mirror.centroids_dirty.clear();
+        for c in 0..k {
+            if sizes[c] > 0 {
+                centroids[c * d..(c + 1) * d].copy_from_slice(&host[c * d..(c + 1) * d]);
+            } else {
+                // the device copy holds zeros there; the host keeps the old centroid
+                mirror.centroids_dirty.mark(c as u32);
+            }
+        }
+        mirror.centroids = Some(means);
+        Ok(())
+    }
+
     /// Replaces the centroids (k × dim).
     pub fn set_centroids(&mut self, centroids: &[f32]) -> Result<()> {
         if centroids.len() != self.k * self.dim {
@@ -210,6 +446,7 @@ impl OdcMemory {
         }
         check_finite("centroids", centroids, self.dim)?;
         self.centroids.copy_from_slice(centroids);
+        self.mark_centroids_all();
         Ok(())
     }
 
@@ -310,6 +547,7 @@ impl OdcMemory {
     /// Removes every entry (bank rows zeroed); centroids are kept.
     pub fn clear(&mut self) {
         self.bank.fill(0.0);
+        self.mark_bank_all();
         self.occupied.fill(false);
         self.pos.fill(NO_POS);
         for m in &mut self.members {
@@ -374,7 +612,8 @@ impl OdcMemory {
                     }
                 });
         }
-        let labels: Vec<u32> = nearest_by_dot(&rows, d, &self.centroids, self.k, None)
+        let labels: Vec<u32> = self
+            .nearest_rows(&rows, None)?
             .into_iter()
             .map(|l| l.unwrap_or(0))
             .collect();
@@ -386,6 +625,7 @@ impl OdcMemory {
         for (i, &s) in slots.iter().enumerate() {
             let start = s as usize * d;
             self.bank[start..start + d].copy_from_slice(&rows[i * d..(i + 1) * d]);
+            self.mark_bank_row(s);
         }
         for (&s, &l) in slots.iter().zip(&labels) {
             self.set_label(s, l);
@@ -405,8 +645,12 @@ impl OdcMemory {
 
     /// Recomputes the centroids of `cinds` (all clusters when `None`) as the f64 mean of their
     /// members' bank rows, stored as f32. Clusters without members keep their centroid.
-    /// A full recompute is O(len·dim), parallel over clusters.
+    /// A full recompute is O(len·dim), parallel over clusters on the host, or runs on the
+    /// device on the device path; a partial one (phase B's two clusters) stays on the host.
     pub fn update_centroids(&mut self, cinds: Option<&[u32]>) -> Result<()> {
+        if cinds.is_none() && self.device.is_some() {
+            return self.update_centroids_on_device();
+        }
         let d = self.dim;
         let (bank, members) = (&self.bank, &self.members);
         let mean_into = |c: usize, out: &mut [f32]| {
@@ -449,8 +693,13 @@ impl OdcMemory {
                     let c = c as usize;
                     mean_into(c, &mut self.centroids[c * d..(c + 1) * d]);
                 }
+                for &c in ids {
+                    self.mark_centroid(c);
+                }
+                return Ok(());
             }
         }
+        self.mark_centroids_all();
         Ok(())
     }
 
@@ -475,7 +724,8 @@ impl OdcMemory {
         rows.par_chunks_mut(d)
             .zip(feats.par_chunks(d))
             .for_each(|(o, f)| normalise_into(f, o));
-        Ok(nearest_by_dot(&rows, d, &self.centroids, self.k, None)
+        Ok(self
+            .nearest_rows(&rows, None)?
             .into_iter()
             .map(|l| l.unwrap_or(0))
             .collect())
@@ -492,6 +742,7 @@ impl OdcMemory {
         self.detach(slot);
         let s = slot as usize * self.dim;
         self.bank[s..s + self.dim].fill(0.0);
+        self.mark_bank_row(slot);
         Ok(label)
     }
 
@@ -518,6 +769,7 @@ impl OdcMemory {
         }
         let s = slot as usize * self.dim;
         self.bank[s..s + self.dim].copy_from_slice(row);
+        self.mark_bank_row(slot);
         self.attach(slot, label);
         Ok(())
     }
@@ -571,7 +823,7 @@ impl OdcMemory {
         for &slot in &movers {
             rows.extend_from_slice(self.row_unchecked(slot));
         }
-        let targets = nearest_by_dot(&rows, d, &self.centroids, self.k, Some(&allowed));
+        let targets = self.nearest_rows(&rows, Some(&allowed))?;
         for (&slot, t) in movers.iter().zip(targets) {
             // allowed is non-empty, so a target always exists
             let t = t.unwrap_or(0);

@@ -11,10 +11,14 @@
 //! - [`StreamingMemory`] (`stream.rs`): bounded memory keyed by sample key with FIFO or
 //!   reservoir eviction; the API the trainer calls every step.
 //! - [`kmeans`] (`kmeans.rs`): faiss-style initial clustering.
+//! - [`MemoryCompute`] (`compute.rs`): whether the relabel, the centroid recompute and the
+//!   k-means passes run as host kernels or as candle tensors on the training device.
 //!
 //! Every fallible entry point returns [`OdcError`]; nothing here panics on bad input.
 
 pub(crate) mod linalg;
+
+pub mod compute;
 
 pub mod kmeans;
 pub mod loss;
@@ -22,7 +26,8 @@ pub mod memory;
 pub mod stream;
 pub mod two_means;
 
-pub use kmeans::{kmeans, KMeansConfig, KMeansResult};
+pub use compute::MemoryCompute;
+pub use kmeans::{kmeans, kmeans_on, KMeansConfig, KMeansResult};
 pub use linalg::normalise_rows;
 pub use loss::{class_weights, weighted_cross_entropy, weighted_cross_entropy_tensor};
 pub use memory::{OdcMemory, SampleUpdate, SmallClusterOutcome, SmallClusterReport, SplitRecord};
@@ -68,6 +73,8 @@ pub enum OdcError {
     InvalidParameter(String),
     #[error("checkpoint state is inconsistent: {0}")]
     BadState(String),
+    #[error("ODC memory on the training device failed: {0} (the device holds a (capacity + 1) × dim f32 copy of the bank; if it is out of memory, run the memory on the host)")]
+    Device(String),
 }
 
 pub type Result<T> = std::result::Result<T, OdcError>;

@@ -10,6 +10,7 @@
 //! then [`StreamingMemory::update`] (memory update), then [`StreamingMemory::after_step`]
 //! (centroids, small clusters, weights).
 
+use super::compute::MemoryCompute;
 use super::linalg::{check_finite, check_rows, normalise_into};
 use super::memory::{OdcMemory, SmallClusterReport};
 use super::{OdcError, Result, WEIGHT_EPS, WEIGHT_POWER};
@@ -240,6 +241,17 @@ impl StreamingMemory {
 
     pub fn config(&self) -> &StreamConfig {
         &self.cfg
+    }
+    /// Where the heavy work runs (relabel, new-key scoring, phase-A scoring, full centroid
+    /// recompute): host kernels, or the training device with device-side copies of the
+    /// centroids and bank. The state and its semantics are the same either way; a memory
+    /// built by [`Self::new`] or [`Self::import`] starts on the host.
+    pub fn set_compute(&mut self, compute: &MemoryCompute) {
+        self.mem.set_compute(compute);
+    }
+    /// The choice of [`Self::set_compute`].
+    pub fn compute(&self) -> MemoryCompute {
+        self.mem.compute()
     }
     /// The underlying slot memory (read-only).
     pub fn memory(&self) -> &OdcMemory {
@@ -674,6 +686,89 @@ mod tests {
         let st = m.update(ks, &f, &p).unwrap();
         m.after_step(s).unwrap();
         st
+    }
+
+    /// Largest distance in f32 ulps between two equal-length f32 arrays of finite values.
+    fn max_ulps(a: &[f32], b: &[f32]) -> u32 {
+        let key = |x: f32| {
+            let i = x.to_bits() as i32;
+            // map the sign-magnitude bits onto a monotonic integer line (−0 and +0 meet)
+            if i < 0 {
+                i32::MIN.wrapping_sub(i) as i64
+            } else {
+                i as i64
+            }
+        };
+        a.iter()
+            .zip(b)
+            .map(|(&x, &y)| (key(x) - key(y)).unsigned_abs() as u32)
+            .max()
+            .unwrap_or(0)
+    }
+
+    /// The device path (candle tensors on candle's CPU device: what `train.kernels = "generic"`
+    /// selects on CPU) against the host path over a step sequence with new keys, FIFO
+    /// evictions, keys repeated within a batch, full centroid recomputes and small-cluster
+    /// splits. Labels, step counters, small-cluster reports and weights must be identical,
+    /// the bank identical (both paths mix rows on the host); centroids within 1 f32 ulp (the
+    /// device sums in f64 in another order, see compute.rs).
+    #[test]
+    fn device_path_follows_the_host_path_step_by_step() {
+        let (cap, d, k, warm_n, b) = (120usize, 8usize, 6usize, 90usize, 16usize);
+        let mut cfg = StreamConfig::new(cap, d, k);
+        cfg.min_cluster = MinCluster::Count(10);
+        cfg.centroid_interval = 3;
+        let mut rng = ChaCha8Rng::seed_from_u64(21);
+        let mut host = warm(cfg, warm_n, &mut rng);
+        let mut dev = host.clone();
+        dev.set_compute(&MemoryCompute::generic(&candle_core::Device::Cpu));
+        assert!(dev.compute().device().is_some() && host.compute().is_host());
+        let (mut recomputes, mut splits, mut evicted, mut unseen) = (0, 0, 0, 0);
+        for s in 0..30u64 {
+            let ks: Vec<String> = (0..b)
+                .map(|_| {
+                    if rng.random_bool(0.5) {
+                        format!("k{}", rng.random_range(0..warm_n))
+                    } else {
+                        format!("n{}", rng.random_range(0..20 * (s as usize + 1)))
+                    }
+                })
+                .collect();
+            let f = feats(b, d, &mut rng);
+            let ph = host.prepare(&ks, &f).unwrap();
+            let pd = dev.prepare(&ks, &f).unwrap();
+            assert_eq!(ph, pd, "step {s}: prepare");
+            unseen += ph.seen.iter().filter(|&&x| !x).count();
+            let uh = host.update(&ks, &f, &ph).unwrap();
+            let ud = dev.update(&ks, &f, &pd).unwrap();
+            assert_eq!(uh, ud, "step {s}: update");
+            evicted += uh.evicted;
+            let ah = host.after_step(s).unwrap();
+            let ad = dev.after_step(s).unwrap();
+            assert_eq!(ah.report, ad.report, "step {s}: small clusters");
+            assert_eq!(ah.weights, ad.weights, "step {s}: weights");
+            assert_eq!(ah.centroids_recomputed, ad.centroids_recomputed);
+            recomputes += usize::from(ah.centroids_recomputed);
+            splits += ah.report.splits.len();
+            let (mh, md) = (host.memory(), dev.memory());
+            assert_eq!(mh.labels(), md.labels(), "step {s}: labels");
+            assert_eq!(mh.bank(), md.bank(), "step {s}: bank");
+            let ulps = max_ulps(mh.centroids(), md.centroids());
+            assert!(ulps <= 1, "step {s}: centroids {ulps} ulps apart");
+        }
+        // the sequence exercised every part of the device path
+        assert!(recomputes >= 9 && splits > 0 && evicted > 0 && unseen > 0);
+        // a clone re-sends its device copies and keeps following
+        let mut clone = dev.clone();
+        let ks = keys(0..8);
+        let f = feats(8, d, &mut rng);
+        let p1 = dev.prepare(&ks, &f).unwrap();
+        let p2 = clone.prepare(&ks, &f).unwrap();
+        assert_eq!(p1, p2);
+        assert_eq!(
+            dev.update(&ks, &f, &p1).unwrap(),
+            clone.update(&ks, &f, &p2).unwrap()
+        );
     }
 
     #[test]

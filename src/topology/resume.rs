@@ -142,7 +142,7 @@ pub fn restore(trainer: &mut Trainer, ckpt: &Checkpoint) -> Result<SourceState, 
             trainer.memory().config().dim
         )));
     }
-    *trainer.memory_mut() = mem;
+    trainer.replace_memory(mem);
     trainer.set_step(ckpt.step);
     let source: SourceState = if ckpt.source_state.is_null() {
         SourceState::default()

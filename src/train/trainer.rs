@@ -13,7 +13,7 @@ use serde::Serialize;
 use super::OdcConfig;
 use crate::device::Kernels;
 use crate::model::{ModelConfig, ModelError, OdcModel};
-use crate::odc::{self, KMeansConfig, OdcError, StreamingMemory};
+use crate::odc::{self, KMeansConfig, MemoryCompute, OdcError, StreamingMemory};
 use crate::optim::{OptimError, Sgd, SgdConfig};
 use crate::validate::FieldError;
 
@@ -84,6 +84,8 @@ pub struct Trainer {
     model: OdcModel,
     opt: Sgd,
     memory: StreamingMemory,
+    /// Where the memory and the initial k-means do their heavy work.
+    memory_compute: MemoryCompute,
     odc_cfg: OdcConfig,
     step: u64,
     seed: u64,
@@ -105,11 +107,15 @@ impl Trainer {
         let mut opt = Sgd::new(sgd_cfg.clone(), model.params().params())?;
         opt.set_kernels(kernels);
         odc_cfg.validate()?;
-        let memory = StreamingMemory::new(odc_cfg.stream_config(model_cfg.feat_dim))?;
+        let mut memory = StreamingMemory::new(odc_cfg.stream_config(model_cfg.feat_dim))?;
+        // host kernels when training on CPU, the training device otherwise
+        let memory_compute = MemoryCompute::auto(device);
+        memory.set_compute(&memory_compute);
         Ok(Trainer {
             model,
             opt,
             memory,
+            memory_compute,
             odc_cfg: odc_cfg.clone(),
             step: 0,
             seed,
@@ -127,6 +133,21 @@ impl Trainer {
     }
     pub fn memory_mut(&mut self) -> &mut StreamingMemory {
         &mut self.memory
+    }
+    /// Replaces the memory (a restored checkpoint), keeping [`Self::memory_compute`].
+    pub fn replace_memory(&mut self, memory: StreamingMemory) {
+        self.memory = memory;
+        self.memory.set_compute(&self.memory_compute);
+    }
+    /// Where the memory's relabel, centroid recompute and the initial k-means run:
+    /// [`MemoryCompute::auto`] of the training device unless set otherwise.
+    pub fn memory_compute(&self) -> &MemoryCompute {
+        &self.memory_compute
+    }
+    /// Moves the memory's heavy work (and the next initial k-means) to `compute`.
+    pub fn set_memory_compute(&mut self, compute: MemoryCompute) {
+        self.memory.set_compute(&compute);
+        self.memory_compute = compute;
     }
     pub fn optimizer(&self) -> &Sgd {
         &self.opt
@@ -191,7 +212,7 @@ impl Trainer {
         };
         let n = keys.len();
         let k = self.odc_cfg.num_clusters;
-        let km = odc::kmeans(
+        let km = odc::kmeans_on(
             &features,
             d,
             &KMeansConfig {
@@ -200,6 +221,7 @@ impl Trainer {
                 seed: self.seed,
                 ..KMeansConfig::default()
             },
+            &self.memory_compute,
         )?;
         self.memory
             .init_from_clustering(&keys, &features, &km.labels)?;
@@ -345,7 +367,14 @@ mod tests {
     type Trace = Vec<(f32, Vec<f32>, Vec<u32>)>;
 
     fn run(seed: u64) -> Result<Trace, TrainError> {
+        run_on(seed, None)
+    }
+
+    fn run_on(seed: u64, compute: Option<MemoryCompute>) -> Result<Trace, TrainError> {
         let mut t = setup(seed)?;
+        if let Some(c) = compute {
+            t.set_memory_compute(c);
+        }
         let (mut keys, mut feats) = (Vec::new(), Vec::new());
         for i in 0..2 {
             let (x, k) = batch(i)?;
@@ -380,6 +409,22 @@ mod tests {
         }
         let c = run(8)?;
         assert_ne!(a[0].1, c[0].1, "another seed gives another run");
+        Ok(())
+    }
+
+    /// The memory and the initial k-means on the device path (candle's CPU device, what
+    /// `train.kernels = "generic"` selects) train exactly like the host path: same losses,
+    /// features and labels, bit for bit. The CPU trainer defaults to the host path.
+    #[test]
+    fn memory_on_the_device_path_trains_like_the_host_path() -> Result<(), TrainError> {
+        assert!(setup(1)?.memory_compute().is_host());
+        let host = run(7)?;
+        let device = run_on(7, Some(MemoryCompute::generic(&Device::Cpu)))?;
+        for (i, (x, y)) in host.iter().zip(device.iter()).enumerate() {
+            assert_eq!(x.0.to_bits(), y.0.to_bits(), "step {i}: loss differs");
+            assert_eq!(x.1, y.1, "step {i}: features differ");
+            assert_eq!(x.2, y.2, "step {i}: labels differ");
+        }
         Ok(())
     }
 
