@@ -57,8 +57,8 @@ fn generic_kernels_train_checkpoint_and_resume() {
     );
     let log = d.log_text();
     assert!(
-        log.contains("\"kernels\":\"generic\""),
-        "the run did not take the generic path:\n{log}"
+        log.contains("\"kernels\":\"generic\"") && log.contains("\"memory\":\"device\""),
+        "the run did not take the generic path for the model and the memory:\n{log}"
     );
     let fin = finished(&log);
     assert_eq!(fin["steps"], 6, "{fin}");

@@ -85,6 +85,11 @@ pub async fn run(cfg: Config, cancel: CancellationToken) -> Result<RunSummary, T
         } else {
             "generic"
         },
+        memory = if trainer.memory_compute().is_host() {
+            "host"
+        } else {
+            "device"
+        },
         "training path"
     );
 

@@ -108,8 +108,13 @@ impl Trainer {
         opt.set_kernels(kernels);
         odc_cfg.validate()?;
         let mut memory = StreamingMemory::new(odc_cfg.stream_config(model_cfg.feat_dim))?;
-        // host kernels when training on CPU, the training device otherwise
-        let memory_compute = MemoryCompute::auto(device);
+        // train.kernels moves the memory too: host kernels under "auto" on CPU, the training
+        // device otherwise (so "generic" on CPU runs what a GPU runs)
+        let memory_compute = if kernels.cpu_kernels_on(device) {
+            MemoryCompute::Host
+        } else {
+            MemoryCompute::generic(device)
+        };
         memory.set_compute(&memory_compute);
         Ok(Trainer {
             model,
@@ -140,7 +145,7 @@ impl Trainer {
         self.memory.set_compute(&self.memory_compute);
     }
     /// Where the memory's relabel, centroid recompute and the initial k-means run:
-    /// [`MemoryCompute::auto`] of the training device unless set otherwise.
+    /// the host under `train.kernels = "auto"` on CPU, the training device otherwise.
     pub fn memory_compute(&self) -> &MemoryCompute {
         &self.memory_compute
     }
