@@ -8,7 +8,9 @@ ReLU, Dropout, Linear, ReLU) -> head Linear(256 -> K); weighted cross-entropy; S
     ARCH=resnet50 SIZE=64 BATCH=32 OMP_WAIT_POLICY=PASSIVE python3 benches/train_step_torch.py
     DEVICE=cuda ARCH=resnet50 SIZE=224 BATCH=64 python3 benches/train_step_torch.py  # GPU, fp32
 
-On a GPU each phase ends with torch.cuda.synchronize(), as odcd's bench synchronises its device.
+On a GPU each phase ends with torch.cuda.synchronize(), as odcd's bench synchronises its device,
+and the convolutions run in plain fp32 like candle's (PyTorch's cuDNN default is TF32; TF32=1
+allows it).
 
 Needs `pip install torch` (not torchvision: the blocks are written out here).
 """
@@ -25,6 +27,8 @@ BATCH = int(os.environ.get("BATCH", 64))
 STEPS = int(os.environ.get("STEPS", 5))
 K = int(os.environ.get("K", 10))
 DEVICE = torch.device(os.environ.get("DEVICE", "cpu"))
+torch.backends.cudnn.allow_tf32 = os.environ.get("TF32") == "1"
+torch.backends.cuda.matmul.allow_tf32 = os.environ.get("TF32") == "1"
 torch.set_num_threads(int(os.environ.get("THREADS", os.cpu_count() or 1)))
 
 
