@@ -9,7 +9,7 @@
 #   - the peak GPU memory in use during each part (nvidia-smi).
 # Where:
 #   scripts/build-cuda.sh && scripts/gpu-check.sh --prepare   # on the build machine: the gzipped
-#       binary and a Fashion-MNIST subset in target/cuda-dist/ (~26 MiB), to carry with the repo
+#       binary and a Fashion-MNIST subset in target/cuda-dist/ (25 MiB), to carry with the repo
 #   scripts/gpu-check.sh                                       # on the GPU machine
 #   ODCD_GPU_CHECK_DEVICE=cpu ODCD=target/release/odcd STEPS=20 BENCH_STEPS=1 scripts/gpu-check.sh
 #       # the same logic on the CPU, with a CPU build (how the script itself is tested)
