@@ -55,7 +55,7 @@ EOF
   fi
   exit 0
 fi
-[ $# -eq 0 ] || { sed -n '2,22p' "$0" >&2; exit 2; }
+[ $# -eq 0 ] || { sed -n '2,19p' "$0" >&2; exit 2; }
 
 ODCD=${ODCD:-}
 DEV=${ODCD_GPU_CHECK_DEVICE:-cuda:0}
