@@ -1,4 +1,4 @@
-"""The same training step as benches/train_step.rs, in PyTorch on the CPU.
+"""The same training step as benches/train_step.rs, in PyTorch on the CPU (or DEVICE=cuda).
 
 ResNet (torchvision shapes, standard stem) -> ODC neck (Linear, BatchNorm1d affine off,
 ReLU, Dropout, Linear, ReLU) -> head Linear(256 -> K); weighted cross-entropy; SGD momentum 0.9
@@ -6,6 +6,11 @@ ReLU, Dropout, Linear, ReLU) -> head Linear(256 -> K); weighted cross-entropy; S
 
     OMP_WAIT_POLICY=PASSIVE python3 benches/train_step_torch.py            # ResNet-18 3x32x32 b64
     ARCH=resnet50 SIZE=64 BATCH=32 OMP_WAIT_POLICY=PASSIVE python3 benches/train_step_torch.py
+    DEVICE=cuda ARCH=resnet50 SIZE=224 BATCH=64 python3 benches/train_step_torch.py  # GPU, fp32
+
+On a GPU each phase ends with torch.cuda.synchronize(), as odcd's bench synchronises its device,
+and the convolutions run in plain fp32 like candle's (PyTorch's cuDNN default is TF32; TF32=1
+allows it).
 
 Needs `pip install torch` (not torchvision: the blocks are written out here).
 """
@@ -21,6 +26,9 @@ SIZE = int(os.environ.get("SIZE", 32))
 BATCH = int(os.environ.get("BATCH", 64))
 STEPS = int(os.environ.get("STEPS", 5))
 K = int(os.environ.get("K", 10))
+DEVICE = torch.device(os.environ.get("DEVICE", "cpu"))
+torch.backends.cudnn.allow_tf32 = os.environ.get("TF32") == "1"
+torch.backends.cuda.matmul.allow_tf32 = os.environ.get("TF32") == "1"
 torch.set_num_threads(int(os.environ.get("THREADS", os.cpu_count() or 1)))
 
 
@@ -88,23 +96,31 @@ class Net(nn.Module):
         return self.head(self.neck(x))
 
 
-net = Net().train()
+def sync():
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize(DEVICE)
+
+
+net = Net().to(DEVICE).train()
 head = [p for n, p in net.named_parameters() if n.startswith("head.")]
 rest = [p for n, p in net.named_parameters() if not n.startswith("head.")]
 opt = torch.optim.SGD([{"params": rest}, {"params": head, "momentum": 0.0}], lr=0.06,
                       momentum=0.9, weight_decay=1e-5)
-x = torch.randn(BATCH, 3, SIZE, SIZE)
-y = torch.arange(BATCH) % K
-w = torch.ones(K)
+x = torch.randn(BATCH, 3, SIZE, SIZE, device=DEVICE)
+y = torch.arange(BATCH, device=DEVICE) % K
+w = torch.ones(K, device=DEVICE)
 times, tf, tb = [], [], []
 for step in range(STEPS + 1):
     t0 = time.perf_counter()
     loss = F.cross_entropy(net(x), y, weight=w)
+    sync()
     t1 = time.perf_counter()
     opt.zero_grad()
     loss.backward()
+    sync()
     t2 = time.perf_counter()
     opt.step()
+    sync()
     t3 = time.perf_counter()
     if step > 0:
         times.append(t3 - t0)
@@ -112,7 +128,7 @@ for step in range(STEPS + 1):
         tb.append(t2 - t1)
 med = lambda v: sorted(v)[len(v) // 2]
 s = med(times)
-print(f"pytorch {torch.__version__} {ARCH} 3x{SIZE}x{SIZE} batch {BATCH}: step {s*1e3:.1f} ms "
+print(f"pytorch {torch.__version__} {ARCH} 3x{SIZE}x{SIZE} batch {BATCH} on {DEVICE}: step {s*1e3:.1f} ms "
       f"(forward {med(tf)*1e3:.1f} ms, backward {med(tb)*1e3:.1f} ms, fastest step {min(times)*1e3:.1f} ms), "
       f"{BATCH/s:.1f} images/s, "
       f"threads {torch.get_num_threads()}")

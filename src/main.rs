@@ -46,6 +46,12 @@ enum Cmd {
         #[command(subcommand)]
         cmd: cmd::shards::ShardsCmd,
     },
+    /// Measure the binary on this machine: `bench train-step --device cuda:0` is the
+    /// training-step throughput (docs/gpu.md).
+    Bench {
+        #[command(subcommand)]
+        cmd: cmd::bench::BenchCmd,
+    },
 }
 
 fn main() -> Result<()> {
@@ -70,6 +76,10 @@ fn main() -> Result<()> {
         Cmd::Shards { cmd } => {
             init_logging(LogFormat::Human);
             rt.block_on(cmd.run())
+        }
+        Cmd::Bench { cmd } => {
+            init_logging(LogFormat::Human);
+            cmd.execute()
         }
     }
 }

@@ -11,7 +11,9 @@
 //! | `odcd config check` | [`config`] |
 //! | `odcd checkpoint list/inspect` | [`checkpoint`] |
 //! | `odcd shards import-idx/pack/inspect` | [`shards`] |
+//! | `odcd bench train-step` | [`bench`] |
 
+pub mod bench;
 pub mod checkpoint;
 pub mod config;
 pub mod embed;

@@ -1,0 +1,286 @@
+//! `odcd bench train-step`: training-step throughput of odcd's model on a device: forward
+//! (train mode) + weighted cross-entropy + backward + momentum SGD, median of N steps after
+//! one warm-up step. The same code runs `cargo bench --bench train_step`; the subcommand is
+//! there so that a machine with a GPU and no Rust toolchain can measure the binary it was
+//! given (`scripts/gpu-check.sh`, docs/gpu.md).
+
+use std::fmt;
+use std::time::Instant;
+
+use candle_core::{DType, Device, Tensor};
+
+use crate::device::Kernels;
+use crate::model::{Arch, ModelConfig, ModelError, OdcModel};
+use crate::optim::{OptimError, Sgd, SgdConfig};
+
+#[derive(Debug, thiserror::Error)]
+pub enum BenchError {
+    #[error("the bench needs at least one measured step: --steps was 0")]
+    NoSteps,
+    #[error("building the model: {0}")]
+    Model(#[from] ModelError),
+    #[error("the optimizer: {0}")]
+    Optim(#[from] OptimError),
+    #[error("a training step on {device}: {source}")]
+    Step {
+        device: String,
+        source: candle_core::Error,
+    },
+}
+
+/// What to measure: the model and input shape of one training step.
+#[derive(Debug, Clone)]
+pub struct TrainStepBench {
+    pub arch: Arch,
+    /// Input side in pixels (3 × size × size images).
+    pub size: usize,
+    pub batch: usize,
+    /// Measured steps (one warm-up step runs before them).
+    pub steps: usize,
+    /// Clusters (the head's outputs).
+    pub k: usize,
+    /// Report the resident set size every N steps (0 = never).
+    pub rss_every: usize,
+    /// odcd's CPU kernels (`Auto`, on CPU) or the generic path, as `train.kernels`.
+    pub kernels: Kernels,
+}
+
+/// Median times of the measured steps.
+#[derive(Debug, Clone)]
+pub struct TrainStepResult {
+    pub bench: TrainStepBench,
+    pub device: String,
+    /// `cpu` (odcd's CPU kernels) or `generic`: the path the step took.
+    pub kernels: &'static str,
+    pub step_ms: f64,
+    pub forward_ms: f64,
+    pub backward_ms: f64,
+    pub fastest_ms: f64,
+    pub threads: usize,
+}
+
+impl TrainStepResult {
+    pub fn images_per_s(&self) -> f64 {
+        self.bench.batch as f64 / (self.step_ms / 1e3)
+    }
+}
+
+impl fmt::Display for TrainStepResult {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let b = &self.bench;
+        write!(
+            f,
+            "odcd(candle) {:?} 3x{}x{} batch {} on {} kernels {}: step {:.1} ms (forward {:.1} ms, backward {:.1} ms, fastest step {:.1} ms), {:.1} images/s, threads {}",
+            b.arch,
+            b.size,
+            b.size,
+            b.batch,
+            self.device,
+            self.kernels,
+            self.step_ms,
+            self.forward_ms,
+            self.backward_ms,
+            self.fastest_ms,
+            self.images_per_s(),
+            self.threads
+        )
+    }
+}
+
+/// Resident set size of this process (Linux `/proc/self/status`), NaN where unavailable.
+pub fn rss_mib() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|kb| kb.parse::<f64>().ok())
+        })
+        .map_or(f64::NAN, |kb| kb / 1024.0)
+}
+
+fn device_name(dev: &Device) -> String {
+    match dev {
+        Device::Cpu => "cpu".to_string(),
+        Device::Cuda(_) => "cuda".to_string(),
+        Device::Metal(_) => "metal".to_string(),
+    }
+}
+
+/// Runs `bench.steps + 1` training steps on `dev` (the first is a warm-up: allocator, thread
+/// pool, kernel loading) and returns the medians. Each phase ends with a device
+/// synchronisation, so GPU times are the kernels' and not only their launches'.
+pub fn train_step(bench: &TrainStepBench, dev: &Device) -> Result<TrainStepResult, BenchError> {
+    if bench.steps == 0 {
+        return Err(BenchError::NoSteps);
+    }
+    let device = device_name(dev);
+    let step_err = |source: candle_core::Error| BenchError::Step {
+        device: device.clone(),
+        source,
+    };
+    let cfg = ModelConfig {
+        arch: bench.arch,
+        in_channels: 3,
+        small_stem: false,
+        ..ModelConfig::default()
+    };
+    let k = bench.k;
+    let model = OdcModel::new(&cfg, k, dev, 0)?;
+    model.set_kernels(bench.kernels);
+    let mut opt = Sgd::new(SgdConfig::default(), model.params().params())?;
+    opt.set_kernels(bench.kernels);
+    let x = Tensor::randn(0f32, 1f32, (bench.batch, 3, bench.size, bench.size), dev)
+        .map_err(step_err)?;
+    let y: Vec<u32> = (0..bench.batch as u32).map(|i| i % k as u32).collect();
+    let y = Tensor::from_vec(y, bench.batch, dev).map_err(step_err)?;
+    let w = Tensor::ones(k, DType::F32, dev).map_err(step_err)?;
+    let (mut times, mut tf, mut tb) = (Vec::new(), Vec::new(), Vec::new());
+    for step in 0..bench.steps + 1 {
+        let t0 = Instant::now();
+        let out = model.forward_train(&x, step as u64).map_err(step_err)?;
+        let loss =
+            crate::odc::weighted_cross_entropy_tensor(&out.logits, &y, &w).map_err(step_err)?;
+        dev.synchronize().map_err(step_err)?;
+        let t1 = Instant::now();
+        let grads = model.backward(&loss).map_err(step_err)?;
+        dev.synchronize().map_err(step_err)?;
+        let t2 = Instant::now();
+        opt.step(&grads, step as u64)?;
+        dev.synchronize().map_err(step_err)?;
+        let t3 = Instant::now();
+        if bench.rss_every > 0 && step % bench.rss_every == 0 {
+            println!("step {step:>5} rss {:.1} MiB", rss_mib());
+        }
+        if step > 0 {
+            times.push((t3 - t0).as_secs_f64());
+            tf.push((t1 - t0).as_secs_f64());
+            tb.push((t2 - t1).as_secs_f64());
+        }
+    }
+    let med = |v: &mut Vec<f64>| {
+        v.sort_by(|a, b| a.total_cmp(b));
+        v[v.len() / 2] * 1e3
+    };
+    let step_ms = med(&mut times);
+    Ok(TrainStepResult {
+        bench: bench.clone(),
+        device,
+        kernels: if bench.kernels.cpu_kernels_on(dev) {
+            "cpu"
+        } else {
+            "generic"
+        },
+        step_ms,
+        forward_ms: med(&mut tf),
+        backward_ms: med(&mut tb),
+        // the fastest step: least disturbed by other work on a shared machine
+        fastest_ms: times[0] * 1e3,
+        threads: rayon::current_num_threads(),
+    })
+}
+
+fn parse_arch(s: &str) -> Result<Arch, String> {
+    match s {
+        "resnet18" => Ok(Arch::Resnet18),
+        "resnet50" => Ok(Arch::Resnet50),
+        _ => Err(format!("`{s}`: expected resnet18 or resnet50")),
+    }
+}
+
+/// Micro-benchmarks of the binary itself.
+#[derive(Debug, clap::Subcommand)]
+pub enum BenchCmd {
+    /// Training-step throughput (forward + loss + backward + SGD) on random images: median
+    /// step time of N steps after one warm-up step, one line on stdout.
+    TrainStep(TrainStepArgs),
+}
+
+#[derive(Debug, clap::Args)]
+pub struct TrainStepArgs {
+    /// resnet18 or resnet50.
+    #[arg(long, default_value = "resnet18", value_parser = parse_arch)]
+    pub arch: Arch,
+    /// Input side in pixels (3 × SIZE × SIZE random images).
+    #[arg(long, default_value_t = 32)]
+    pub size: usize,
+    #[arg(long, default_value_t = 64)]
+    pub batch: usize,
+    /// Measured steps (after one warm-up step).
+    #[arg(long, default_value_t = 5)]
+    pub steps: usize,
+    /// Clusters (the head's outputs).
+    #[arg(long, default_value_t = 10)]
+    pub k: usize,
+    /// cpu, cuda:N or auto, as `train.device`.
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+    /// auto or generic, as `train.kernels` (generic runs on CPU what a GPU runs).
+    #[arg(long, default_value = "auto", value_parser = Kernels::parse)]
+    pub kernels: Kernels,
+}
+
+impl BenchCmd {
+    pub fn execute(self) -> anyhow::Result<()> {
+        match self {
+            BenchCmd::TrainStep(a) => {
+                let dev = crate::device::select_device(&a.device)?;
+                let bench = TrainStepBench {
+                    arch: a.arch,
+                    size: a.size,
+                    batch: a.batch,
+                    steps: a.steps,
+                    k: a.k,
+                    rss_every: 0,
+                    kernels: a.kernels,
+                };
+                let mut r = train_step(&bench, &dev)?;
+                r.device = a.device;
+                println!("{r}");
+                Ok(())
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn one_resnet18_step_on_the_cpu_reports_its_times() -> Result<(), BenchError> {
+        let bench = TrainStepBench {
+            arch: Arch::Resnet18,
+            size: 32,
+            batch: 4,
+            steps: 1,
+            k: 3,
+            rss_every: 0,
+            kernels: Kernels::Auto,
+        };
+        let r = train_step(&bench, &Device::Cpu)?;
+        assert!(r.step_ms > 0.0 && r.step_ms >= r.forward_ms);
+        let line = r.to_string();
+        assert!(line.starts_with("odcd(candle) Resnet18 3x32x32 batch 4 on cpu kernels cpu: step "));
+        assert!(line.contains(" images/s"));
+        Ok(())
+    }
+
+    #[test]
+    fn zero_steps_is_refused() {
+        let bench = TrainStepBench {
+            arch: Arch::Resnet18,
+            size: 32,
+            batch: 4,
+            steps: 0,
+            k: 3,
+            rss_every: 0,
+            kernels: Kernels::Auto,
+        };
+        assert!(matches!(
+            train_step(&bench, &Device::Cpu),
+            Err(BenchError::NoSteps)
+        ));
+    }
+}
