@@ -65,6 +65,24 @@ fn tail(log: &str, n: usize) -> String {
     lines[lines.len().saturating_sub(n)..].join("\n")
 }
 
+/// Waits until `/readyz` answers 200 again after `what`, failing if the daemon exits.
+fn wait_ready_again(d: &mut Daemon, port: u16, what: &str, timeout: Duration) {
+    wait_until(&format!("/readyz 200 after {what}"), timeout, || {
+        d.assert_alive();
+        (readyz(port).0 == 200).then_some(())
+    });
+}
+
+/// Waits for the daemon to exit 0, printing the log's tail if it does not.
+fn assert_exits_zero(d: &mut Daemon, timeout: Duration) {
+    assert_eq!(
+        d.wait(timeout),
+        Some(0),
+        "log tail:\n{}",
+        tail(&d.log_text(), 40)
+    );
+}
+
 /// Every step 1..=last has its whole batch of rows in `rows`.
 fn missing_steps(rows: &BTreeMap<u64, BTreeSet<String>>, last: u64) -> Vec<u64> {
     (1..=last)
@@ -345,21 +363,9 @@ fn s3_outage(restart: bool) {
         t0.elapsed().as_secs_f64(),
         down.elapsed().as_secs_f64()
     );
-    wait_until(
-        "/readyz 200 after the outage",
-        Duration::from_secs(120),
-        || {
-            d.assert_alive();
-            (readyz(port).0 == 200).then_some(())
-        },
-    );
+    wait_ready_again(&mut d, port, "the outage", Duration::from_secs(120));
     assert_eq!(metric(port, "odcd_source_store_unreachable"), Some(0.0));
-    assert_eq!(
-        d.wait(Duration::from_secs(240)),
-        Some(0),
-        "log tail:\n{}",
-        tail(&d.log_text(), 40)
-    );
+    assert_exits_zero(&mut d, Duration::from_secs(240));
     let last = (RECORDS / BATCH) as u64;
     println!("run done at {:.1} s", t0.elapsed().as_secs_f64());
 
@@ -477,21 +483,9 @@ fn a_kafka_broker_restart_under_the_source_and_the_sink_is_ridden_out() {
         t0.elapsed().as_secs_f64()
     );
     assert!(metric(port, "odcd_checkpoints_total").unwrap_or(0.0) > checkpoints);
-    wait_until(
-        "/readyz 200 after the outage",
-        Duration::from_secs(60),
-        || {
-            d.assert_alive();
-            (readyz(port).0 == 200).then_some(())
-        },
-    );
+    wait_ready_again(&mut d, port, "the outage", Duration::from_secs(60));
     d.signal("-TERM");
-    assert_eq!(
-        d.wait(Duration::from_secs(120)),
-        Some(0),
-        "log tail:\n{}",
-        tail(&d.log_text(), 40)
-    );
+    assert_exits_zero(&mut d, Duration::from_secs(120));
     println!("run done at {:.1} s", t0.elapsed().as_secs_f64());
 
     // Every record produced was trained (its row is in Parquet).
@@ -642,21 +636,9 @@ fn a_full_disk_under_checkpoints_and_parquet_is_ridden_out() {
         checkpoints + 1.0,
         Duration::from_secs(120),
     );
-    wait_until(
-        "/readyz 200 after the disk-full",
-        Duration::from_secs(60),
-        || {
-            d.assert_alive();
-            (readyz(port).0 == 200).then_some(())
-        },
-    );
+    wait_ready_again(&mut d, port, "the disk-full", Duration::from_secs(60));
     d.signal("-TERM");
-    assert_eq!(
-        d.wait(Duration::from_secs(120)),
-        Some(0),
-        "log tail:\n{}",
-        tail(&d.log_text(), 40)
-    );
+    assert_exits_zero(&mut d, Duration::from_secs(120));
     let (rows, others) = local_parquet_rows(&emb);
     assert!(others.is_empty(), "partial files left: {others:?}");
     let steps = checkpoint_steps(&ck.display().to_string(), &BTreeMap::new());
