@@ -3,6 +3,7 @@
 
 mod common;
 
+use common::kafka::Tansu;
 use common::*;
 use std::time::Duration;
 
@@ -183,4 +184,96 @@ fn embed_rides_out_a_refusing_parquet_location_without_losing_a_row() {
         [2],
         "tagged with the checkpoint's step"
     );
+}
+
+/// `odcd embed`'s Kafka sink against a broker that is frozen (SIGSTOP) when the command starts:
+/// deliveries time out and are re-sent, the command neither exits nor drops a batch, and once
+/// the broker is back every record's row is on the topic and the command exits 0.
+#[test]
+fn embed_rides_out_a_frozen_kafka_broker_without_losing_a_row() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let ck = dir.path().join("ckpt");
+    let src = format!("file://{}/", fixtures_dir().display());
+    let extra = format!(
+        "[checkpoint]\nurl = \"{}\"\nevery_steps = 1000\n",
+        ck.display()
+    );
+    let text = test_config(&src, free_port(), &extra)
+        .replace("[metrics]", "[train]\nmax_steps = 2\n[metrics]");
+    let cfg = dir.path().join("odcd.toml");
+    std::fs::write(&cfg, &text).expect("write config");
+    let mut d = Daemon::start(&cfg, &dir.path().join("run.log"));
+    assert_eq!(
+        d.wait(Duration::from_secs(240)),
+        Some(0),
+        "log:\n{}",
+        d.log_text()
+    );
+
+    let k = Tansu::start();
+    k.create_topic("emb", 1);
+    let cfg2 = dir.path().join("embed.toml");
+    std::fs::write(
+        &cfg2,
+        format!(
+            "{text}[embeddings]\n[embeddings.kafka]\nbrokers = \"{}\"\ntopic = \"emb\"\n\
+             options = {{ \"message.timeout.ms\" = \"2000\", \"socket.timeout.ms\" = \"1000\", \"request.timeout.ms\" = \"1000\" }}\n",
+            k.brokers
+        ),
+    )
+    .expect("write config");
+    k.pause();
+    let log = dir.path().join("embed.log");
+    let mut child = std::process::Command::new(odcd_bin())
+        .args(["embed", "--once", "--checkpoint"])
+        .arg(&ck)
+        .arg("--config")
+        .arg(&cfg2)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&log).expect("log file"))
+        .spawn()
+        .expect("run odcd embed");
+    let log_text = || std::fs::read_to_string(&log).unwrap_or_default();
+    let failed = wait_until("failed deliveries", Duration::from_secs(120), || {
+        if let Ok(Some(st)) = child.try_wait() {
+            k.resume();
+            panic!(
+                "odcd embed exited ({st}) while the broker was frozen; log:\n{}",
+                log_text()
+            );
+        }
+        let n = log_text()
+            .lines()
+            .filter(|l| l.contains("re-sending after a pause (nothing is dropped)"))
+            .count();
+        (n >= 2).then_some(n)
+    });
+    k.resume();
+    let t0 = std::time::Instant::now();
+    let status = loop {
+        if let Ok(Some(st)) = child.try_wait() {
+            break st;
+        }
+        if t0.elapsed() > Duration::from_secs(120) {
+            let _ = child.kill();
+            panic!("odcd embed did not finish; log:\n{}", log_text());
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert!(status.success(), "log:\n{}", log_text());
+
+    let recs = k.read_all("emb", 1, Duration::from_secs(60), |r| {
+        r.iter()
+            .map(|x| x.key.as_str())
+            .collect::<std::collections::BTreeSet<_>>()
+            .len()
+            >= 200
+    });
+    let keys: std::collections::BTreeSet<&str> = recs.iter().map(|r| r.key.as_str()).collect();
+    println!(
+        "{failed} failed deliveries re-sent; {} records, {} keys on the topic",
+        recs.len(),
+        keys.len()
+    );
+    assert_eq!(keys.len(), 200, "one row per fixture record, none lost");
 }

@@ -143,9 +143,13 @@ pub async fn embed(
         ))));
     }
     let mut sink = EmbeddingSinks::open(&ecfg, Some(&registry), true, exactly_once)?;
-    if exactly_once {
-        if let Some(k) = sink.kafka() {
+    if let Some(k) = sink.kafka() {
+        if exactly_once {
             k.init_transactions().await?;
+        } else {
+            // As under `odcd run`: a record whose deliveries keep failing (a broker that is
+            // down) is re-sent with a growing pause rather than dropped, so no row is lost.
+            k.resend_forever(true);
         }
     }
     let sink_metrics = sink.metrics();
