@@ -87,13 +87,10 @@ fn embed_with_a_checkpoint_writes_one_row_per_record() {
     assert_eq!(keys.len(), 200, "one row per fixture record");
 }
 
-/// `odcd embed`'s publish retry: its Parquet location refuses writes (a regular file where the
-/// files' folder should be, which fails even as root) while it runs; once the location is back,
-/// every record has its row and the command exits 0.
-#[test]
-fn embed_rides_out_a_refusing_parquet_location_without_losing_a_row() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let ck = dir.path().join("ckpt");
+/// A 2-step `odcd run` on the fixture with a checkpoint in `dir/ckpt`; returns that folder and
+/// the run's config text, which the embed configs extend with their `[embeddings]`.
+fn two_step_checkpoint(dir: &std::path::Path) -> (std::path::PathBuf, String) {
+    let ck = dir.join("ckpt");
     let src = format!("file://{}/", fixtures_dir().display());
     let extra = format!(
         "[checkpoint]\nurl = \"{}\"\nevery_steps = 1000\n",
@@ -101,67 +98,109 @@ fn embed_rides_out_a_refusing_parquet_location_without_losing_a_row() {
     );
     let text = test_config(&src, free_port(), &extra)
         .replace("[metrics]", "[train]\nmax_steps = 2\n[metrics]");
-    let cfg = dir.path().join("odcd.toml");
+    let cfg = dir.join("odcd.toml");
     std::fs::write(&cfg, &text).expect("write config");
-    let mut d = Daemon::start(&cfg, &dir.path().join("run.log"));
+    let mut d = Daemon::start(&cfg, &dir.join("run.log"));
     assert_eq!(
         d.wait(Duration::from_secs(240)),
         Some(0),
         "log:\n{}",
         d.log_text()
     );
+    (ck, text)
+}
+
+/// `odcd embed --once` with `config` (written to `dir/embed.toml`), its log in `dir/embed.log`.
+struct Embed {
+    child: std::process::Child,
+    log: std::path::PathBuf,
+}
+
+impl Embed {
+    fn start(dir: &std::path::Path, ck: &std::path::Path, config: &str) -> Embed {
+        let cfg = dir.join("embed.toml");
+        std::fs::write(&cfg, config).expect("write config");
+        let log = dir.join("embed.log");
+        let child = std::process::Command::new(odcd_bin())
+            .args(["embed", "--once", "--checkpoint"])
+            .arg(ck)
+            .arg("--config")
+            .arg(&cfg)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(&log).expect("log file"))
+            .spawn()
+            .expect("run odcd embed");
+        Embed { child, log }
+    }
+
+    fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Waits until the log has at least `min` lines containing `needle` (returns how many),
+    /// failing if the command exits first: `while` says what was going on.
+    fn wait_for_lines(&mut self, needle: &str, min: usize, while_: &str) -> usize {
+        wait_until(needle, Duration::from_secs(120), || {
+            if let Ok(Some(st)) = self.child.try_wait() {
+                panic!(
+                    "odcd embed exited ({st}) while {while_}; log:\n{}",
+                    self.log_text()
+                );
+            }
+            let n = self
+                .log_text()
+                .lines()
+                .filter(|l| l.contains(needle))
+                .count();
+            (n >= min).then_some(n)
+        })
+    }
+
+    /// Waits for the command to end and asserts it exited 0.
+    fn assert_exits_zero(&mut self) {
+        let t0 = std::time::Instant::now();
+        let status = loop {
+            if let Ok(Some(st)) = self.child.try_wait() {
+                break st;
+            }
+            if t0.elapsed() > Duration::from_secs(120) {
+                let _ = self.child.kill();
+                panic!("odcd embed did not finish; log:\n{}", self.log_text());
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        };
+        assert!(status.success(), "log:\n{}", self.log_text());
+    }
+}
+
+/// `odcd embed`'s publish retry: its Parquet location refuses writes (a regular file where the
+/// files' folder should be, which fails even as root) while it runs; once the location is back,
+/// every record has its row and the command exits 0.
+#[test]
+fn embed_rides_out_a_refusing_parquet_location_without_losing_a_row() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (ck, text) = two_step_checkpoint(dir.path());
 
     // Files of 50 rows, so several publishes meet the refusal before the end of the data.
     let out = dir.path().join("inference");
     std::fs::create_dir_all(&out).expect("mkdir");
     let block = out.join("sub");
     std::fs::write(&block, b"in the way").expect("block");
-    let cfg2 = dir.path().join("embed.toml");
-    std::fs::write(
-        &cfg2,
-        format!(
+    let mut embed = Embed::start(
+        dir.path(),
+        &ck,
+        &format!(
             "{text}[embeddings]\nurl = \"{}\"\n[embeddings.parquet]\nfile_prefix = \"sub/part\"\nmax_rows_per_file = 50\n",
             out.display()
         ),
-    )
-    .expect("write config");
-    let log = dir.path().join("embed.log");
-    let mut child = std::process::Command::new(odcd_bin())
-        .args(["embed", "--once", "--checkpoint"])
-        .arg(&ck)
-        .arg("--config")
-        .arg(&cfg2)
-        .stdout(std::process::Stdio::null())
-        .stderr(std::fs::File::create(&log).expect("log file"))
-        .spawn()
-        .expect("run odcd embed");
-    let log_text = || std::fs::read_to_string(&log).unwrap_or_default();
-    let refused = wait_until("a refused publish", Duration::from_secs(120), || {
-        if let Ok(Some(st)) = child.try_wait() {
-            panic!(
-                "odcd embed exited ({st}) while its sink refused; log:\n{}",
-                log_text()
-            );
-        }
-        let n = log_text()
-            .lines()
-            .filter(|l| l.contains("failed, retrying (nothing is dropped)"))
-            .count();
-        (n >= 2).then_some(n)
-    });
+    );
+    let refused = embed.wait_for_lines(
+        "failed, retrying (nothing is dropped)",
+        2,
+        "its sink refused",
+    );
     std::fs::remove_file(&block).expect("unblock");
-    let t0 = std::time::Instant::now();
-    let status = loop {
-        if let Ok(Some(st)) = child.try_wait() {
-            break st;
-        }
-        if t0.elapsed() > Duration::from_secs(120) {
-            let _ = child.kill();
-            panic!("odcd embed did not finish; log:\n{}", log_text());
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    };
-    assert!(status.success(), "log:\n{}", log_text());
+    embed.assert_exits_zero();
 
     let mut rows = std::collections::BTreeMap::new();
     for e in std::fs::read_dir(out.join("sub")).expect("published files") {
@@ -192,75 +231,27 @@ fn embed_rides_out_a_refusing_parquet_location_without_losing_a_row() {
 #[test]
 fn embed_rides_out_a_frozen_kafka_broker_without_losing_a_row() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let ck = dir.path().join("ckpt");
-    let src = format!("file://{}/", fixtures_dir().display());
-    let extra = format!(
-        "[checkpoint]\nurl = \"{}\"\nevery_steps = 1000\n",
-        ck.display()
-    );
-    let text = test_config(&src, free_port(), &extra)
-        .replace("[metrics]", "[train]\nmax_steps = 2\n[metrics]");
-    let cfg = dir.path().join("odcd.toml");
-    std::fs::write(&cfg, &text).expect("write config");
-    let mut d = Daemon::start(&cfg, &dir.path().join("run.log"));
-    assert_eq!(
-        d.wait(Duration::from_secs(240)),
-        Some(0),
-        "log:\n{}",
-        d.log_text()
-    );
+    let (ck, text) = two_step_checkpoint(dir.path());
 
     let k = Tansu::start();
     k.create_topic("emb", 1);
-    let cfg2 = dir.path().join("embed.toml");
-    std::fs::write(
-        &cfg2,
-        format!(
+    k.pause();
+    let mut embed = Embed::start(
+        dir.path(),
+        &ck,
+        &format!(
             "{text}[embeddings]\n[embeddings.kafka]\nbrokers = \"{}\"\ntopic = \"emb\"\n\
              options = {{ \"message.timeout.ms\" = \"2000\", \"socket.timeout.ms\" = \"1000\", \"request.timeout.ms\" = \"1000\" }}\n",
             k.brokers
         ),
-    )
-    .expect("write config");
-    k.pause();
-    let log = dir.path().join("embed.log");
-    let mut child = std::process::Command::new(odcd_bin())
-        .args(["embed", "--once", "--checkpoint"])
-        .arg(&ck)
-        .arg("--config")
-        .arg(&cfg2)
-        .stdout(std::process::Stdio::null())
-        .stderr(std::fs::File::create(&log).expect("log file"))
-        .spawn()
-        .expect("run odcd embed");
-    let log_text = || std::fs::read_to_string(&log).unwrap_or_default();
-    let failed = wait_until("failed deliveries", Duration::from_secs(120), || {
-        if let Ok(Some(st)) = child.try_wait() {
-            k.resume();
-            panic!(
-                "odcd embed exited ({st}) while the broker was frozen; log:\n{}",
-                log_text()
-            );
-        }
-        let n = log_text()
-            .lines()
-            .filter(|l| l.contains("re-sending after a pause (nothing is dropped)"))
-            .count();
-        (n >= 2).then_some(n)
-    });
+    );
+    let failed = embed.wait_for_lines(
+        "re-sending after a pause (nothing is dropped)",
+        2,
+        "the broker was frozen",
+    );
     k.resume();
-    let t0 = std::time::Instant::now();
-    let status = loop {
-        if let Ok(Some(st)) = child.try_wait() {
-            break st;
-        }
-        if t0.elapsed() > Duration::from_secs(120) {
-            let _ = child.kill();
-            panic!("odcd embed did not finish; log:\n{}", log_text());
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    };
-    assert!(status.success(), "log:\n{}", log_text());
+    embed.assert_exits_zero();
 
     let recs = k.read_all("emb", 1, Duration::from_secs(60), |r| {
         r.iter()
