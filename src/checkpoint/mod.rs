@@ -31,9 +31,9 @@ use object_store::path::Path;
 use object_store::ObjectStore;
 use serde::{Deserialize, Serialize};
 
-use crate::odc::StreamingState;
+use crate::odc::{StreamingMemory, StreamingState};
 pub use config::CheckpointConfig;
-use format::{PartWriter, WriteError};
+use format::{MemorySrc, PartReader, PartWriter, ReadError, WriteError};
 
 /// Version of the manifest / part layout written by this build.
 pub const FORMAT_VERSION: u32 = 1;
@@ -367,15 +367,15 @@ impl CheckpointStore {
         &self,
         dir: &str,
         name: &str,
-        st: &StreamingState,
+        src: MemorySrc<'_>,
         keys: bool,
     ) -> Result<PartInfo> {
         let rel = format!("{dir}/{name}");
         let mut w = PartWriter::new(self.store.clone(), join(&self.prefix, &rel));
         let res = if keys {
-            format::write_keys(&mut w, &st.keys).await
+            format::write_keys(&mut w, src).await
         } else {
-            format::write_memory(&mut w, st).await
+            format::write_memory(&mut w, src).await
         };
         match res {
             Ok(()) => {}
@@ -404,7 +404,24 @@ impl CheckpointStore {
     /// Writes the parts, then the manifest, then deletes checkpoints beyond the last `keep`
     /// (manifest first, then parts). A failure before the manifest leaves nothing visible;
     /// a failure while pruning is logged, not returned (the new checkpoint is whole).
+    /// The memory, if any, is `ckpt.memory` (an exported copy); the daemon uses
+    /// [`Self::save_live`] instead.
     pub async fn save(&self, ckpt: &Checkpoint) -> Result<Manifest> {
+        self.save_from(ckpt, ckpt.memory.as_ref().map(MemorySrc::State))
+            .await
+    }
+
+    /// [`Self::save`] with the memory read in place from the live `memory` (`ckpt.memory` is
+    /// ignored): the bank, labels and keys go to the store chunk by chunk, and no copy of them
+    /// is made, so a save costs a few chunk buffers on top of the memory instead of a second
+    /// memory. The borrow keeps the memory unchanged for the whole save: the daemon saves
+    /// between steps, with training paused, so the checkpoint is one consistent step. Same
+    /// bytes as saving `memory.export()`.
+    pub async fn save_live(&self, ckpt: &Checkpoint, memory: &StreamingMemory) -> Result<Manifest> {
+        self.save_from(ckpt, Some(MemorySrc::Live(memory))).await
+    }
+
+    async fn save_from(&self, ckpt: &Checkpoint, mem: Option<MemorySrc<'_>>) -> Result<Manifest> {
         let id = format!("step-{:012}-{}", ckpt.step, unique_suffix());
         let mut parts = Vec::new();
         parts.push(
@@ -420,20 +437,21 @@ impl CheckpointStore {
         parts.push(self.write_part_bytes(&id, PART_OPTIMIZER, &opt).await?);
         drop(opt);
         let mut memory = None;
-        if let Some(st) = &ckpt.memory {
+        if let Some(src) = mem {
             parts.push(
-                self.write_part_streamed(&id, PART_MEMORY, st, false)
+                self.write_part_streamed(&id, PART_MEMORY, src, false)
                     .await?,
             );
             parts.push(
-                self.write_part_streamed(&id, PART_MEMORY_KEYS, st, true)
+                self.write_part_streamed(&id, PART_MEMORY_KEYS, src, true)
                     .await?,
             );
+            let cfg = src.config();
             memory = Some(MemorySummary {
-                fill: st.slots.len() as u64,
-                capacity: st.config.capacity as u64,
-                k: st.config.k as u64,
-                dim: st.config.dim as u64,
+                fill: src.fill() as u64,
+                capacity: cfg.capacity as u64,
+                k: cfg.k as u64,
+                dim: cfg.dim as u64,
             });
         }
         let state = StateFile {
@@ -676,6 +694,75 @@ impl CheckpointStore {
         Ok(bytes)
     }
 
+    /// Reads one part and decodes it as it streams in (never holding the whole part), then
+    /// checks its size and CRC32 against the manifest. A size or CRC32 mismatch is reported
+    /// before a decoding error, as [`Self::read_part`] would, and the object's size is
+    /// checked before anything is decoded, so what the decoder allocates is bounded by the
+    /// manifest.
+    async fn read_part_decoded<T>(
+        &self,
+        m: &Manifest,
+        name: &str,
+        decode: impl for<'r> FnOnce(
+            &'r mut PartReader,
+            u64,
+        )
+            -> futures::future::BoxFuture<'r, std::result::Result<T, ReadError>>,
+    ) -> Result<T> {
+        let part = m.part(name).ok_or_else(|| CheckpointError::MissingPart {
+            url: self.url.clone(),
+            id: m.id.clone(),
+            part: name.to_string(),
+        })?;
+        let path = self.part_path(part);
+        let get = match self.store.get(&path).await {
+            Ok(g) => g,
+            Err(object_store::Error::NotFound { .. }) => {
+                return Err(CheckpointError::MissingPart {
+                    url: self.url.clone(),
+                    id: m.id.clone(),
+                    part: part.path.clone(),
+                })
+            }
+            Err(e) => return Err(self.read_err(&path, e)),
+        };
+        let size_mismatch = |found: u64| CheckpointError::SizeMismatch {
+            url: self.url.clone(),
+            id: m.id.clone(),
+            part: part.path.clone(),
+            expected: part.size,
+            found,
+        };
+        if get.meta.size != part.size {
+            return Err(size_mismatch(get.meta.size));
+        }
+        let mut r = PartReader::new(get).map_err(|e| self.read_err(&path, e))?;
+        let decoded = match decode(&mut r, part.size).await {
+            Ok(v) => match r.has_more().await {
+                Ok(false) => Ok(v),
+                Ok(true) => Err("trailing bytes after the data".to_string()),
+                Err(e) => return Err(self.read_err(&path, e)),
+            },
+            Err(ReadError::Store(e)) => return Err(self.read_err(&path, e)),
+            Err(ReadError::Corrupt(msg)) => Err(msg),
+        };
+        r.drain().await.map_err(|e| self.read_err(&path, e))?;
+        let (size, crc) = r.size_crc();
+        if size != part.size {
+            return Err(size_mismatch(size));
+        }
+        if crc != part.crc32 {
+            return Err(CheckpointError::CrcMismatch {
+                url: self.url.clone(),
+                id: m.id.clone(),
+                part: part.path.clone(),
+                expected: part.crc32,
+                found: crc,
+            });
+        }
+        decoded.map_err(|msg| self.corrupt(m, name, msg))
+    }
+
     fn corrupt(&self, m: &Manifest, part: &str, message: impl Into<String>) -> CheckpointError {
         CheckpointError::Corrupt {
             url: self.url.clone(),
@@ -715,11 +802,17 @@ impl CheckpointStore {
             .map_err(|e| self.corrupt(m, PART_OPTIMIZER, e))?;
         drop(opt_bytes);
         let memory = if m.part(PART_MEMORY).is_some() {
-            let kb = self.read_part(m, PART_MEMORY_KEYS).await?;
-            let keys = format::read_keys(&kb).map_err(|e| self.corrupt(m, PART_MEMORY_KEYS, e))?;
-            drop(kb);
-            let mb = self.read_part(m, PART_MEMORY).await?;
-            Some(format::read_memory(&mb, keys).map_err(|e| self.corrupt(m, PART_MEMORY, e))?)
+            let keys = self
+                .read_part_decoded(m, PART_MEMORY_KEYS, |r, size| {
+                    Box::pin(format::read_keys(r, size))
+                })
+                .await?;
+            Some(
+                self.read_part_decoded(m, PART_MEMORY, move |r, size| {
+                    Box::pin(format::read_memory(r, size, keys))
+                })
+                .await?,
+            )
         } else {
             None
         };

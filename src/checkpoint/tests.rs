@@ -352,20 +352,145 @@ async fn inspect_finds_steps() {
     );
 }
 
-#[test]
-fn keys_file_rejects_garbage() {
-    assert!(format::read_keys(b"nope").is_err());
+async fn decode_keys(b: &[u8]) -> Result<Vec<String>, format::ReadError> {
+    let mut r = format::PartReader::from_chunks(vec![bytes::Bytes::copy_from_slice(b)]);
+    format::read_keys(&mut r, b.len() as u64).await
+}
+
+#[tokio::test]
+async fn keys_file_rejects_garbage() {
+    assert!(decode_keys(b"nope").await.is_err());
     let mut b = format::KEYS_MAGIC.to_vec();
     b.extend_from_slice(&u64::MAX.to_le_bytes());
     assert!(
-        format::read_keys(&b).is_err(),
+        decode_keys(&b).await.is_err(),
         "a huge count is refused, not allocated"
     );
     let mut b = format::KEYS_MAGIC.to_vec();
     b.extend_from_slice(&1u64.to_le_bytes());
     b.extend_from_slice(&10u32.to_le_bytes());
     b.extend_from_slice(b"abc");
-    assert!(format::read_keys(&b).is_err());
+    assert!(decode_keys(&b).await.is_err());
+}
+
+/// The parts of the memory as stored under `m`.
+async fn memory_part_bytes(store: &CheckpointStore, m: &Manifest) -> (bytes::Bytes, bytes::Bytes) {
+    (
+        store.read_part(m, PART_MEMORY).await.unwrap(),
+        store.read_part(m, PART_MEMORY_KEYS).await.unwrap(),
+    )
+}
+
+#[tokio::test]
+async fn a_live_save_writes_the_bytes_of_an_exported_one() {
+    let store = mem_store(0);
+    let mem = memory();
+    let exported = store.save(&checkpoint(1, Some(&mem))).await.unwrap();
+    let live = store.save_live(&checkpoint(2, None), &mem).await.unwrap();
+    assert_eq!(live.memory, exported.memory);
+    for part in [PART_MEMORY, PART_MEMORY_KEYS] {
+        let (a, b) = (exported.part(part).unwrap(), live.part(part).unwrap());
+        assert_eq!((a.size, a.crc32), (b.size, b.crc32), "{part}");
+    }
+    assert_eq!(
+        memory_part_bytes(&store, &exported).await,
+        memory_part_bytes(&store, &live).await
+    );
+    let back = store.load(&live).await.unwrap();
+    assert_eq!(back.memory.unwrap(), mem.export());
+}
+
+#[tokio::test]
+async fn memory_parts_decode_across_any_chunking() {
+    // An S3 body arrives in frames of any size: words and keys split across frames must
+    // decode the same.
+    let store = mem_store(0);
+    let mem = memory();
+    let m = store.save_live(&checkpoint(1, None), &mem).await.unwrap();
+    let (mb, kb) = memory_part_bytes(&store, &m).await;
+    let split = |b: &bytes::Bytes, n: usize| -> Vec<bytes::Bytes> {
+        (0..b.len())
+            .step_by(n)
+            .map(|i| b.slice(i..(i + n).min(b.len())))
+            .collect()
+    };
+    for n in [1, 3, 7, 4096] {
+        let mut r = format::PartReader::from_chunks(split(&kb, n));
+        let keys = format::read_keys(&mut r, kb.len() as u64).await.unwrap();
+        assert!(!r.has_more().await.unwrap());
+        let mut r = format::PartReader::from_chunks(split(&mb, n));
+        let st = format::read_memory(&mut r, mb.len() as u64, keys)
+            .await
+            .unwrap();
+        assert_eq!(st, mem.export(), "chunks of {n} bytes");
+        assert_eq!(r.size_crc(), (mb.len() as u64, crc32fast::hash(&mb)));
+    }
+}
+
+#[tokio::test]
+async fn damaged_memory_parts_fall_back_to_the_previous_checkpoint() {
+    let mem = memory();
+    // (part, damage, reseal the manifest with the damaged part's size and CRC)
+    let cases: [(&str, &str, bool); 6] = [
+        (PART_MEMORY, "truncated", false),
+        (PART_MEMORY, "flipped", false),
+        (PART_MEMORY, "truncated", true),
+        (PART_MEMORY, "header", true),
+        (PART_MEMORY_KEYS, "truncated", false),
+        (PART_MEMORY_KEYS, "truncated", true),
+    ];
+    for (part, how, reseal) in cases {
+        let dir = tempfile::tempdir().unwrap();
+        let store = file_store(dir.path(), 0);
+        let old = store.save_live(&checkpoint(1, None), &mem).await.unwrap();
+        let mut new = store.save_live(&checkpoint(2, None), &mem).await.unwrap();
+        let (os, _) = store.object_store();
+        let info = new.part(part).unwrap().clone();
+        let path = store.part_path(&info);
+        let b = os.get(&path).await.unwrap().bytes().await.unwrap().to_vec();
+        let damaged = match how {
+            "truncated" => b[..b.len() - 5].to_vec(),
+            "flipped" => {
+                let mut v = b.clone();
+                let at = v.len() / 2;
+                v[at] ^= 0x10;
+                v
+            }
+            // a header length pointing past the end of the part
+            _ => {
+                let mut v = b.clone();
+                v[..8].copy_from_slice(&(b.len() as u64).to_le_bytes());
+                v
+            }
+        };
+        os.put(&path, damaged.clone().into()).await.unwrap();
+        if reseal {
+            for p in &mut new.parts {
+                if p.name == part {
+                    p.size = damaged.len() as u64;
+                    p.crc32 = crc32fast::hash(&damaged);
+                }
+            }
+            os.put(
+                &store.manifest_path(&new.id),
+                serde_json::to_vec(&new).unwrap().into(),
+            )
+            .await
+            .unwrap();
+        }
+        let err = store.load(&new).await.unwrap_err();
+        let ok = matches!(
+            (how, reseal, &err),
+            (_, true, CheckpointError::Corrupt { .. })
+                | ("truncated", false, CheckpointError::SizeMismatch { .. })
+                | ("flipped", false, CheckpointError::CrcMismatch { .. })
+        );
+        assert!(ok, "{part} {how} reseal={reseal}: {err:?}");
+        assert!(err.to_string().contains(part), "names the part: {err}");
+        let (m, c) = store.load_latest_valid().await.unwrap().unwrap();
+        assert_eq!(m, old, "{part} {how} reseal={reseal}");
+        assert_eq!(c.memory.unwrap(), mem.export());
+    }
 }
 
 #[tokio::test]
@@ -398,4 +523,116 @@ async fn cli_parses_and_runs_on_a_local_path() {
     let err = missing.run().await.unwrap_err();
     assert!(err.to_string().contains("no checkpoint at step 8"), "{err}");
     assert!(Cli::try_parse_from(["odcd", "inspect", path, "--step", "x"]).is_err());
+}
+
+/// Heap accounting for the test below, per thread and only while switched on for that
+/// thread: the largest single allocation and the bytes allocated in all. Other tests run on
+/// other threads at the same time, so global counters would mix their allocations in.
+mod tally {
+    use std::alloc::{GlobalAlloc, Layout, System};
+    use std::cell::Cell;
+
+    pub struct Tally;
+
+    thread_local! {
+        static ON: Cell<bool> = const { Cell::new(false) };
+        static LARGEST: Cell<usize> = const { Cell::new(0) };
+        static TOTAL: Cell<usize> = const { Cell::new(0) };
+    }
+
+    fn note(bytes: usize) {
+        // `try_with`: allocations during thread teardown are not counted.
+        let _ = ON.try_with(|on| {
+            if on.get() {
+                LARGEST.with(|l| l.set(l.get().max(bytes)));
+                TOTAL.with(|t| t.set(t.get() + bytes));
+            }
+        });
+    }
+
+    // SAFETY: every method forwards to the system allocator with the caller's arguments
+    // unchanged; the counters are const-initialised thread-locals without destructors, so
+    // touching them never allocates or re-enters the allocator.
+    unsafe impl GlobalAlloc for Tally {
+        unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+            note(layout.size());
+            // SAFETY: same contract as the caller's.
+            unsafe { System.alloc(layout) }
+        }
+        unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
+            note(layout.size());
+            // SAFETY: same contract as the caller's.
+            unsafe { System.alloc_zeroed(layout) }
+        }
+        unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+            // SAFETY: same contract as the caller's.
+            unsafe { System.dealloc(ptr, layout) }
+        }
+        unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+            note(new_size.saturating_sub(layout.size()));
+            // SAFETY: same contract as the caller's.
+            unsafe { System.realloc(ptr, layout, new_size) }
+        }
+    }
+
+    /// Runs `f` with this thread's accounting on; returns its result, the largest single
+    /// allocation and the bytes allocated in all (a realloc counts its growth).
+    pub fn measure<T>(f: impl FnOnce() -> T) -> (T, usize, usize) {
+        LARGEST.with(|l| l.set(0));
+        TOTAL.with(|t| t.set(0));
+        ON.with(|on| on.set(true));
+        let r = f();
+        ON.with(|on| on.set(false));
+        (r, LARGEST.with(Cell::get), TOTAL.with(Cell::get))
+    }
+}
+
+#[global_allocator]
+static TALLY: tally::Tally = tally::Tally;
+
+/// A save streams the live memory without copying its bank or keys, and a restore makes the
+/// decoded bank the memory's own. A save through `export()` (a second bank) or a restore
+/// through `import` (a second bank) fails this.
+#[test]
+fn a_save_and_a_restore_hold_no_second_copy_of_the_bank() {
+    // 128 MiB of bank: far above the writer's chunk buffers (16 MiB parts, 32 MiB at most).
+    let (cap, d, k) = (131_072, 256, 16);
+    let mut cfg = StreamConfig::new(cap, d, k);
+    cfg.min_cluster = crate::odc::MinCluster::Count(0);
+    let mut m = StreamingMemory::new(cfg).unwrap();
+    let keys: Vec<String> = (0..cap)
+        .map(|i| format!("shard-{:04}/{i}", i / 1000))
+        .collect();
+    let feats: Vec<f32> = (0..cap * d).map(|i| (i % 89) as f32 + 1.0).collect();
+    let labels: Vec<u32> = (0..cap).map(|i| (i % k) as u32).collect();
+    m.init_from_clustering(&keys, &feats, &labels).unwrap();
+    drop((keys, feats, labels));
+    let bank_bytes = cap * d * 4;
+    let dir = tempfile::tempdir().unwrap();
+    let store = file_store(dir.path(), 0);
+    // A current-thread runtime: the encoding and decoding run on this thread.
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let (man, largest, _) =
+        tally::measure(|| rt.block_on(store.save_live(&checkpoint(1, None), &m)));
+    let man = man.unwrap();
+    assert!(man.part(PART_MEMORY).unwrap().size > bank_bytes as u64);
+    assert!(
+        largest < bank_bytes / 2,
+        "the save made a {largest}-byte allocation for a {bank_bytes}-byte bank"
+    );
+    let (restored, _, total) = tally::measure(|| {
+        let ck = rt.block_on(store.load(&man)).unwrap();
+        StreamingMemory::from_state(ck.memory.unwrap()).unwrap()
+    });
+    // One bank, plus slots, labels, keys and the key map (about 25% here); two banks would
+    // be over 200%.
+    assert!(
+        total < bank_bytes * 3 / 2,
+        "load + restore allocated {total} bytes for a {bank_bytes}-byte bank"
+    );
+    assert_eq!(restored.memory().bank(), m.memory().bank());
+    assert_eq!(restored.export(), m.export());
 }

@@ -102,7 +102,7 @@ pub async fn embed(
             step: step.unwrap_or(0),
             message: format!("no checkpoint found under {checkpoint_url}"),
         })?;
-    let ckpt = store.load(&manifest).await?;
+    let mut ckpt = store.load(&manifest).await?;
     let device = crate::device::select_device(&cfg.train.device)?;
     let model =
         OdcModel::new(&cfg.model, cfg.odc.num_clusters, &device, 0).map_err(TrainError::from)?;
@@ -112,9 +112,9 @@ pub async fn embed(
             step: ckpt.step,
             message: format!("model: {e}"),
         })?;
-    let memory = match &ckpt.memory {
+    let memory = match ckpt.memory.take() {
         Some(s) => Some(
-            StreamingMemory::import(s).map_err(|e| TopologyError::Resume {
+            StreamingMemory::from_state(s).map_err(|e| TopologyError::Resume {
                 step: ckpt.step,
                 message: format!("ODC memory: {e}"),
             })?,

@@ -219,6 +219,12 @@ impl SmallClusterReport {
 impl OdcMemory {
     /// An empty memory of `capacity` slots for features of length `dim` and `k` clusters.
     pub fn new(capacity: usize, dim: usize, k: usize) -> Result<Self> {
+        let bank_len = Self::check_sizes(capacity, dim, k)?;
+        Ok(Self::with_bank(capacity, dim, k, vec![0.0; bank_len]))
+    }
+
+    /// Checks the sizes; returns the bank length, capacity × dim.
+    fn check_sizes(capacity: usize, dim: usize, k: usize) -> Result<usize> {
         if dim == 0 || k == 0 {
             return Err(OdcError::InvalidParameter(format!(
                 "dim and k must be positive (dim = {dim}, k = {k})"
@@ -229,13 +235,16 @@ impl OdcMemory {
                 "capacity {capacity} does not fit a u32 slot index"
             )));
         }
-        let bank_len = capacity.checked_mul(dim).ok_or_else(|| {
+        capacity.checked_mul(dim).ok_or_else(|| {
             OdcError::InvalidParameter(format!("capacity {capacity} × dim {dim} overflows"))
-        })?;
-        Ok(Self {
+        })
+    }
+
+    fn with_bank(capacity: usize, dim: usize, k: usize, bank: Vec<f32>) -> Self {
+        Self {
             dim,
             k,
-            bank: vec![0.0; bank_len],
+            bank,
             labels: vec![0; capacity],
             occupied: vec![false; capacity],
             centroids: vec![0.0; k * dim],
@@ -243,7 +252,65 @@ impl OdcMemory {
             pos: vec![NO_POS; capacity],
             len: 0,
             device: None,
-        })
+        }
+    }
+
+    /// A memory of `capacity` slots built from stored rows without a second copy of them:
+    /// `bank` (n × dim, the rows of `slots`, which must be strictly ascending) becomes the
+    /// memory's own bank, each row moved in place to its slot; `labels` (n) are the slots'
+    /// labels and `centroids` (k × dim) the centroids. Rows are taken as given (not
+    /// re-normalised). Used to restore a checkpoint, where the bank is the largest thing the
+    /// process holds.
+    pub fn from_slot_rows(
+        capacity: usize,
+        dim: usize,
+        k: usize,
+        mut bank: Vec<f32>,
+        slots: &[u32],
+        labels: &[u32],
+        centroids: &[f32],
+    ) -> Result<Self> {
+        let full = Self::check_sizes(capacity, dim, k)?;
+        let mut mem = Self::with_bank(capacity, dim, k, Vec::new());
+        mem.set_centroids(centroids)?;
+        let n = check_rows("bank", &bank, dim)?;
+        if slots.len() != n {
+            return Err(OdcError::LengthMismatch {
+                what: "slots vs bank rows",
+                expected: n,
+                got: slots.len(),
+            });
+        }
+        mem.check_labels("labels", labels, n)?;
+        for (i, &s) in slots.iter().enumerate() {
+            mem.check_slot(s)?;
+            if i > 0 && slots[i - 1] >= s {
+                return Err(OdcError::InvalidParameter(format!(
+                    "slots must be strictly ascending (slot {s} follows {})",
+                    slots[i - 1]
+                )));
+            }
+        }
+        check_finite("bank", &bank, dim)?;
+        // Exact growth: a large realloc is remapped by the allocator, not copied, and no
+        // doubling over-allocates.
+        bank.reserve_exact(full - bank.len());
+        bank.resize(full, 0.0);
+        // Slots ascend and slot(i) >= i, so moving from the last row down never overwrites a
+        // row that is still to move.
+        let d = dim;
+        for (i, &s) in slots.iter().enumerate().rev() {
+            let s = s as usize;
+            if s != i {
+                bank.copy_within(i * d..(i + 1) * d, s * d);
+                bank[i * d..(i + 1) * d].fill(0.0);
+            }
+        }
+        mem.bank = bank;
+        for (&s, &l) in slots.iter().zip(labels) {
+            mem.attach(s, l);
+        }
+        Ok(mem)
     }
 
     /// A full memory from stored state, taken as is: `bank` (n × dim, not re-normalised),

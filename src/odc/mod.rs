@@ -32,8 +32,8 @@ pub use linalg::normalise_rows;
 pub use loss::{class_weights, weighted_cross_entropy, weighted_cross_entropy_tensor};
 pub use memory::{OdcMemory, SampleUpdate, SmallClusterOutcome, SmallClusterReport, SplitRecord};
 pub use stream::{
-    AfterStep, EvictionPolicy, MemoryStats, MinCluster, Prepared, StepStats, StreamConfig,
-    StreamingMemory, StreamingState,
+    AfterStep, EvictionPolicy, MemoryEntry, MemoryStats, MinCluster, Prepared, StepStats,
+    StreamConfig, StreamingMemory, StreamingScalars, StreamingState,
 };
 pub use two_means::{two_means, TwoMeansSplit, TWO_MEANS_ROUNDS};
 

@@ -176,6 +176,28 @@ pub struct StreamingState {
     pub not_stored_total: u64,
 }
 
+/// One occupied slot of a [`StreamingMemory`], borrowed (see [`StreamingMemory::entries`]).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct MemoryEntry<'a> {
+    pub slot: u32,
+    pub key: &'a str,
+    pub label: u32,
+    /// The bank row (dim values).
+    pub row: &'a [f32],
+}
+
+/// The scalar fields of a [`StreamingState`] (see [`StreamingMemory::scalars`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StreamingScalars {
+    pub offered: u64,
+    pub rng_seed: [u8; 32],
+    pub rng_stream: u64,
+    pub rng_word_pos: [u64; 2],
+    pub inserted_total: u64,
+    pub evictions_total: u64,
+    pub not_stored_total: u64,
+}
+
 /// Bounded, key-addressed ODC memory.
 #[derive(Debug, Clone)]
 pub struct StreamingMemory {
@@ -198,6 +220,12 @@ pub struct StreamingMemory {
 impl StreamingMemory {
     /// An empty memory. Call [`Self::init_from_clustering`] after the warm-up k-means.
     pub fn new(cfg: StreamConfig) -> Result<Self> {
+        Self::check_config(&cfg)?;
+        let mem = OdcMemory::new(cfg.capacity, cfg.dim, cfg.k)?;
+        Ok(Self::with_memory(cfg, mem))
+    }
+
+    fn check_config(cfg: &StreamConfig) -> Result<()> {
         if !(0.0..=1.0).contains(&cfg.momentum) {
             return Err(OdcError::InvalidParameter(format!(
                 "momentum must be in [0, 1], got {}",
@@ -217,13 +245,17 @@ impl StreamingMemory {
                 cfg.weight_eps, cfg.weight_power
             )));
         }
-        let mem = OdcMemory::new(cfg.capacity, cfg.dim, cfg.k)?;
+        Ok(())
+    }
+
+    /// A memory around `mem` (which must have `cfg`'s sizes), with empty key maps.
+    fn with_memory(cfg: StreamConfig, mem: OdcMemory) -> Self {
         let seed = match cfg.eviction {
             EvictionPolicy::Reservoir { seed } => seed,
             EvictionPolicy::Fifo => 0,
         };
         let weights = mem.class_weights(cfg.weight_eps, cfg.weight_power);
-        Ok(Self {
+        Self {
             key_of_slot: vec![None; cfg.capacity],
             slot_of_key: HashMap::new(),
             fifo: VecDeque::new(),
@@ -236,7 +268,7 @@ impl StreamingMemory {
             not_stored_total: 0,
             mem,
             cfg,
-        })
+        }
     }
 
     pub fn config(&self) -> &StreamConfig {
@@ -558,9 +590,49 @@ impl StreamingMemory {
         }
     }
 
-    /// The whole state as plain vectors (copies the occupied part of the bank).
+    /// The scalar part of the state (everything but the per-entry arrays, centroids and
+    /// weights), as a checkpoint stores it.
+    pub fn scalars(&self) -> StreamingScalars {
+        let w = self.rng.get_word_pos();
+        StreamingScalars {
+            offered: self.offered,
+            rng_seed: self.rng.get_seed(),
+            rng_stream: self.rng.get_stream(),
+            rng_word_pos: [(w >> 64) as u64, w as u64],
+            inserted_total: self.inserted_total,
+            evictions_total: self.evictions_total,
+            not_stored_total: self.not_stored_total,
+        }
+    }
+
+    /// Every occupied slot in ascending order, borrowed from the live memory: the order and
+    /// content of [`StreamingState`]'s `slots`, `keys`, `labels` and `bank` rows, without
+    /// copying them (a checkpoint streams these straight to the store).
+    pub fn entries(&self) -> impl Iterator<Item = MemoryEntry<'_>> + '_ {
+        self.key_of_slot
+            .iter()
+            .enumerate()
+            .filter_map(|(slot, key)| {
+                let slot = slot as u32;
+                Some(MemoryEntry {
+                    slot,
+                    key: key.as_deref()?,
+                    label: self.mem.label(slot)?,
+                    row: self.mem.row(slot)?,
+                })
+            })
+    }
+
+    /// FIFO insertion order, oldest first (empty under the reservoir policy).
+    pub fn fifo_order(&self) -> impl ExactSizeIterator<Item = u32> + '_ {
+        self.fifo.iter().copied()
+    }
+
+    /// The whole state as plain vectors (copies the occupied part of the bank and every key).
+    /// A checkpoint does not need it: it streams [`Self::entries`] instead.
     pub fn export(&self) -> StreamingState {
         let d = self.cfg.dim;
+        let sc = self.scalars();
         let mut state = StreamingState {
             config: self.cfg.clone(),
             slots: Vec::with_capacity(self.fill()),
@@ -569,36 +641,26 @@ impl StreamingMemory {
             bank: Vec::with_capacity(self.fill() * d),
             centroids: self.mem.centroids().to_vec(),
             weights: self.weights.clone(),
-            fifo: self.fifo.iter().copied().collect(),
-            offered: self.offered,
-            rng_seed: self.rng.get_seed(),
-            rng_stream: self.rng.get_stream(),
-            rng_word_pos: {
-                let w = self.rng.get_word_pos();
-                [(w >> 64) as u64, w as u64]
-            },
-            inserted_total: self.inserted_total,
-            evictions_total: self.evictions_total,
-            not_stored_total: self.not_stored_total,
+            fifo: self.fifo_order().collect(),
+            offered: sc.offered,
+            rng_seed: sc.rng_seed,
+            rng_stream: sc.rng_stream,
+            rng_word_pos: sc.rng_word_pos,
+            inserted_total: sc.inserted_total,
+            evictions_total: sc.evictions_total,
+            not_stored_total: sc.not_stored_total,
         };
-        for (slot, key) in self.key_of_slot.iter().enumerate() {
-            let (Some(key), Some(label), Some(row)) =
-                (key, self.mem.label(slot as u32), self.mem.row(slot as u32))
-            else {
-                continue;
-            };
-            state.slots.push(slot as u32);
-            state.keys.push(key.to_string());
-            state.labels.push(label);
-            state.bank.extend_from_slice(row);
+        for e in self.entries() {
+            state.slots.push(e.slot);
+            state.keys.push(e.key.to_string());
+            state.labels.push(e.label);
+            state.bank.extend_from_slice(e.row);
         }
         state
     }
 
-    /// Rebuilds a memory from [`Self::export`]'s output, checking it for consistency.
-    pub fn import(state: &StreamingState) -> Result<Self> {
-        let mut me = Self::new(state.config.clone())?;
-        let (d, cap) = (state.config.dim, state.config.capacity);
+    fn check_state_lengths(state: &StreamingState) -> Result<()> {
+        let d = state.config.dim;
         let n = state.slots.len();
         if state.keys.len() != n || state.labels.len() != n || state.bank.len() != n * d {
             return Err(OdcError::BadState(format!(
@@ -615,19 +677,70 @@ impl StreamingMemory {
                 state.config.k
             )));
         }
+        Ok(())
+    }
+
+    /// Rebuilds a memory from [`Self::export`]'s output, checking it for consistency. Copies
+    /// the state; [`Self::from_state`] takes it over instead.
+    pub fn import(state: &StreamingState) -> Result<Self> {
+        let mut me = Self::new(state.config.clone())?;
+        let d = state.config.dim;
+        Self::check_state_lengths(state)?;
         me.mem.set_centroids(&state.centroids)?;
         for (i, (&slot, key)) in state.slots.iter().zip(&state.keys).enumerate() {
             me.mem
                 .insert(slot, &state.bank[i * d..(i + 1) * d], state.labels[i])?;
-            let key: Arc<str> = Arc::from(key.as_str());
-            if me.slot_of_key.insert(key.clone(), slot).is_some() {
-                return Err(OdcError::DuplicateKey(key.to_string()));
-            }
-            me.key_of_slot[slot as usize] = Some(key);
+            me.adopt_key(slot, Arc::from(key.as_str()))?;
         }
+        me.restore_rest(state)?;
+        Ok(me)
+    }
+
+    /// [`Self::import`] without a second copy of the bank: the state's bank vector becomes
+    /// the memory's bank (rows moved in place to their slots), and each key is moved into the
+    /// key map as the state is consumed. Peak memory is one bank, not two, which is what lets
+    /// a restore of an M = 10 M memory fit beside the rest of the process. Same checks and
+    /// result as [`Self::import`]; a state whose slots are not ascending (never written by
+    /// [`Self::export`] or a checkpoint) falls back to it.
+    pub fn from_state(mut state: StreamingState) -> Result<Self> {
+        if !state.slots.windows(2).all(|w| w[0] < w[1]) {
+            return Self::import(&state);
+        }
+        Self::check_state_lengths(&state)?;
+        let cfg = state.config.clone();
+        Self::check_config(&cfg)?;
+        let mem = OdcMemory::from_slot_rows(
+            cfg.capacity,
+            cfg.dim,
+            cfg.k,
+            std::mem::take(&mut state.bank),
+            &state.slots,
+            &state.labels,
+            &state.centroids,
+        )?;
+        let mut me = Self::with_memory(cfg, mem);
+        let keys = std::mem::take(&mut state.keys);
+        for (&slot, key) in state.slots.iter().zip(keys) {
+            me.adopt_key(slot, Arc::from(key))?;
+        }
+        me.restore_rest(&state)?;
+        Ok(me)
+    }
+
+    fn adopt_key(&mut self, slot: u32, key: Arc<str>) -> Result<()> {
+        if self.slot_of_key.insert(key.clone(), slot).is_some() {
+            return Err(OdcError::DuplicateKey(key.to_string()));
+        }
+        self.key_of_slot[slot as usize] = Some(key);
+        Ok(())
+    }
+
+    /// The part of a restore after the entries: FIFO, free list, RNG, weights, counters.
+    fn restore_rest(&mut self, state: &StreamingState) -> Result<()> {
+        let (cap, n) = (state.config.capacity, state.slots.len());
         let mut in_fifo = vec![false; cap];
         for &s in &state.fifo {
-            let ok = me.mem.is_occupied(s) && !std::mem::replace(&mut in_fifo[s as usize], true);
+            let ok = self.mem.is_occupied(s) && !std::mem::replace(&mut in_fifo[s as usize], true);
             if !ok {
                 return Err(OdcError::BadState(format!(
                     "fifo entry {s} is empty, out of range or repeated"
@@ -640,21 +753,21 @@ impl StreamingMemory {
                 state.fifo.len()
             )));
         }
-        me.fifo = state.fifo.iter().copied().collect();
-        me.free = (0..cap as u32)
+        self.fifo = state.fifo.iter().copied().collect();
+        self.free = (0..cap as u32)
             .rev()
-            .filter(|&s| !me.mem.is_occupied(s))
+            .filter(|&s| !self.mem.is_occupied(s))
             .collect();
-        me.offered = state.offered;
-        me.rng = ChaCha8Rng::from_seed(state.rng_seed);
-        me.rng.set_stream(state.rng_stream);
-        me.rng
+        self.offered = state.offered;
+        self.rng = ChaCha8Rng::from_seed(state.rng_seed);
+        self.rng.set_stream(state.rng_stream);
+        self.rng
             .set_word_pos(((state.rng_word_pos[0] as u128) << 64) | state.rng_word_pos[1] as u128);
-        me.weights = state.weights.clone();
-        me.inserted_total = state.inserted_total;
-        me.evictions_total = state.evictions_total;
-        me.not_stored_total = state.not_stored_total;
-        Ok(me)
+        self.weights = state.weights.clone();
+        self.inserted_total = state.inserted_total;
+        self.evictions_total = state.evictions_total;
+        self.not_stored_total = state.not_stored_total;
+        Ok(())
     }
 }
 
@@ -908,6 +1021,77 @@ mod tests {
             }
             assert_eq!(a.export(), b.export(), "{eviction:?}");
         }
+    }
+
+    #[test]
+    fn from_state_takes_over_the_state_like_import() {
+        for eviction in [EvictionPolicy::Fifo, EvictionPolicy::Reservoir { seed: 3 }] {
+            let mut rng = ChaCha8Rng::seed_from_u64(8);
+            let mut cfg = StreamConfig::new(60, 5, 4);
+            cfg.eviction = eviction;
+            cfg.min_cluster = MinCluster::Count(2);
+            cfg.centroid_interval = 3;
+            let mut a = warm(cfg, 30, &mut rng);
+            for s in 0..4 {
+                let ks: Vec<String> = (0..6)
+                    .map(|j| format!("k{}", (s * 5 + j * 7) % 45))
+                    .collect();
+                step(&mut a, &ks, &mut rng, s);
+            }
+            // Spread the entries over the slots (holes between them), so that rows have to
+            // move to their slots.
+            let mut state = a.export();
+            let spread = |s: u32| s + s / 3;
+            assert!(state.slots.iter().all(|&s| (spread(s) as usize) < 60));
+            state.slots.iter_mut().for_each(|s| *s = spread(*s));
+            state.fifo.iter_mut().for_each(|s| *s = spread(*s));
+            let imported = StreamingMemory::import(&state).unwrap();
+            let mut taken = StreamingMemory::from_state(state.clone()).unwrap();
+            assert_eq!(taken.export(), state);
+            assert_eq!(taken.memory().bank(), imported.memory().bank());
+            assert_eq!(taken.memory().sizes(), imported.memory().sizes());
+            let mut imported = imported;
+            let mut rng_b = rng.clone();
+            for s in 4..10 {
+                let ks: Vec<String> = (0..6)
+                    .map(|j| format!("k{}", (s * 3 + j * 11) % 70))
+                    .collect();
+                let sa = step(&mut imported, &ks, &mut rng, s);
+                let sb = step(&mut taken, &ks, &mut rng_b, s);
+                assert_eq!(sa, sb, "step {s}");
+            }
+            assert_eq!(imported.export(), taken.export(), "{eviction:?}");
+        }
+        // The same refusals as import.
+        let mut rng = ChaCha8Rng::seed_from_u64(5);
+        let m = warm(StreamConfig::new(10, 3, 2), 6, &mut rng);
+        let mut s = m.export();
+        s.labels.pop();
+        assert!(StreamingMemory::from_state(s).is_err());
+        let mut s = m.export();
+        s.keys[1] = s.keys[0].clone();
+        assert!(matches!(
+            StreamingMemory::from_state(s),
+            Err(OdcError::DuplicateKey(_))
+        ));
+        let mut s = m.export();
+        s.slots[5] = 10;
+        assert!(matches!(
+            StreamingMemory::from_state(s),
+            Err(OdcError::SlotOutOfRange { .. })
+        ));
+        let mut s = m.export();
+        s.bank[4] = f32::NAN;
+        assert!(StreamingMemory::from_state(s).is_err());
+        // Slots out of order (never written by export) go through import and still load.
+        let mut s = m.export();
+        s.slots.swap(0, 1);
+        s.keys.swap(0, 1);
+        s.labels.swap(0, 1);
+        let (d, b) = (3, s.bank.clone());
+        s.bank[..d].copy_from_slice(&b[d..2 * d]);
+        s.bank[d..2 * d].copy_from_slice(&b[..d]);
+        assert_eq!(StreamingMemory::from_state(s).unwrap().export(), m.export());
     }
 
     #[test]

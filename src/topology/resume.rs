@@ -102,23 +102,23 @@ pub async fn resume_latest(
         None => None,
         Some(None) => Some(Resumed::default()),
         Some(Some((m, ckpt))) => {
-            let source = restore(trainer, &ckpt)?;
-            tracing::info!(step = ckpt.step, id = %m.id, "resumed from checkpoint");
+            let (step, history) = (ckpt.step, History::from_extra(&ckpt.extra));
+            let source = restore(trainer, ckpt)?;
+            tracing::info!(step, id = %m.id, "resumed from checkpoint");
             Some(Resumed {
-                step: Some(ckpt.step),
+                step: Some(step),
                 source,
-                history: History::from_extra(&ckpt.extra),
+                history,
             })
         }
     })
 }
 
-/// Restores trainer state from a checkpoint; returns the source resume position.
-pub fn restore(trainer: &mut Trainer, ckpt: &Checkpoint) -> Result<SourceState, TopologyError> {
-    let err = |message: String| TopologyError::Resume {
-        step: ckpt.step,
-        message,
-    };
+/// Restores trainer state from a checkpoint; returns the source resume position. Takes the
+/// checkpoint so that its memory becomes the trainer's without a second copy.
+pub fn restore(trainer: &mut Trainer, mut ckpt: Checkpoint) -> Result<SourceState, TopologyError> {
+    let step = ckpt.step;
+    let err = |message: String| TopologyError::Resume { step, message };
     trainer
         .model()
         .load_safetensors(&ckpt.model_safetensors)
@@ -127,10 +127,10 @@ pub fn restore(trainer: &mut Trainer, ckpt: &Checkpoint) -> Result<SourceState, 
         .optimizer_mut()
         .load_state(&ckpt.optimizer)
         .map_err(|e| err(format!("optimizer: {e}")))?;
-    let Some(state) = &ckpt.memory else {
+    let Some(state) = ckpt.memory.take() else {
         return Err(err("the checkpoint holds no ODC memory".into()));
     };
-    let mem = StreamingMemory::import(state).map_err(|e| err(format!("ODC memory: {e}")))?;
+    let mem = StreamingMemory::from_state(state).map_err(|e| err(format!("ODC memory: {e}")))?;
     if mem.config().k != trainer.memory().config().k
         || mem.config().dim != trainer.memory().config().dim
     {

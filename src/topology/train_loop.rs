@@ -423,8 +423,11 @@ impl TrainLoop {
             .and_then(|ck| {
                 self.rt
                     .block_on(async {
-                        tokio::time::timeout(Duration::from_secs(c.timeout_secs), store.save(&ck))
-                            .await
+                        tokio::time::timeout(
+                            Duration::from_secs(c.timeout_secs),
+                            store.save_live(&ck, self.trainer.memory()),
+                        )
+                        .await
                     })
                     .map_err(|_| format!("timed out after {} s", c.timeout_secs))
                     .and_then(|r| r.map_err(|e| e.to_string()))
@@ -478,7 +481,8 @@ impl TrainLoop {
             .map_err(|e| format!("not written: {e}"))
     }
 
-    /// Model, optimizer, memory, source position, config and history as one checkpoint.
+    /// Model, optimizer, source position, config and history as one checkpoint (the memory is
+    /// written from the trainer in place by `CheckpointStore::save_live`).
     fn build_checkpoint(&self, source: &SourceState) -> Result<Checkpoint, String> {
         let trainer = &self.trainer;
         let mut ck = Checkpoint::new(
@@ -489,7 +493,7 @@ impl TrainLoop {
                 .map_err(|e| e.to_string())?,
         );
         ck.optimizer = trainer.optimizer().state().map_err(|e| e.to_string())?;
-        ck.memory = Some(trainer.memory().export());
+        // The memory is not copied here: `save_live` streams it from the trainer.
         ck.source_state = serde_json::to_value(source).map_err(|e| e.to_string())?;
         ck.rng = serde_json::json!({ "seed": self.settings.train.seed });
         ck.config = self.settings.config_json.clone();
