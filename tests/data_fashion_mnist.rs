@@ -5,7 +5,7 @@ mod common;
 
 use common::data::{fmnist, members};
 use object_store::{local::LocalFileSystem, path::Path};
-use odcd::shards::{import_idx, inspect, read_idx};
+use odcd::shards::{import_idx, inspect, read_idx, IdxRange};
 use std::sync::Arc;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -24,7 +24,7 @@ async fn import_all_70k_and_read_back() {
             &out,
             &format!("fmnist-{split}"),
             1000,
-            None,
+            IdxRange::default(),
         )
         .await
         .unwrap();

@@ -7,7 +7,7 @@ use common::data::{fmnist, FIXTURE_SHARD};
 use common::fixtures_dir;
 use object_store::{local::LocalFileSystem, path::Path};
 use odcd::decode::{BatchStream, EvalConfig, PipelineConfig, TransformConfig};
-use odcd::shards::{import_idx, read_idx};
+use odcd::shards::{import_idx, read_idx, IdxRange};
 use odcd::source::{
     DataMetrics, ObjectStoreSource, ObjectStoreSourceConfig, SourceMode, SourceState,
 };
@@ -25,7 +25,10 @@ async fn fixture_is_reproducible_with_import_idx() {
         &Path::from(""),
         "fmnist-test",
         200,
-        Some(200),
+        IdxRange {
+            skip: 0,
+            limit: Some(200),
+        },
     )
     .await
     .unwrap();

@@ -878,7 +878,7 @@ fn idx_import() {
                 &object_store::path::Path::from("shards"),
                 "x",
                 4,
-                None,
+                odcd::shards::IdxRange::default(),
             ))
             .is_ok()
         });

@@ -1,6 +1,6 @@
 //! `odcd shards ...`: the shard tools as a clap subcommand.
 
-use crate::shards::{import_idx, inspect, pack_dir};
+use crate::shards::{import_idx, inspect, pack_dir, IdxRange};
 use crate::store::open_store;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -22,7 +22,11 @@ pub enum ShardsCmd {
         /// Key and shard-name prefix, e.g. `fmnist-train` → keys `fmnist-train-000123`.
         #[arg(long, default_value = "sample")]
         prefix: String,
-        /// Import only the first N samples.
+        /// Skip the first N samples (carve a validation set from a train file: keys keep
+        /// each sample's index in the file, so the parts never share a key).
+        #[arg(long, default_value_t = 0)]
+        skip: usize,
+        /// Import at most N samples (after --skip).
         #[arg(long)]
         limit: Option<usize>,
     },
@@ -58,11 +62,20 @@ impl ShardsCmd {
                 out_url,
                 per_shard,
                 prefix,
+                skip,
                 limit,
             } => {
                 let (store, out) = open_store(&out_url, &none)?;
-                let s =
-                    import_idx(&images, &labels, store, &out, &prefix, per_shard, limit).await?;
+                let s = import_idx(
+                    &images,
+                    &labels,
+                    store,
+                    &out,
+                    &prefix,
+                    per_shard,
+                    IdxRange { skip, limit },
+                )
+                .await?;
                 println!(
                     "wrote {} records in {} shards under {out_url}",
                     s.records,

@@ -85,8 +85,18 @@ pub(crate) fn png_grey(key: &str, pixels: &[u8], w: u32, h: u32) -> Result<Vec<u
     Ok(out)
 }
 
+/// Which samples of an IDX pair to import: `limit` samples from index `skip` on (all when
+/// `None`). Keys keep the sample's index in the IDX file, so sets carved from one file (train /
+/// validation) never share a key.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct IdxRange {
+    pub skip: usize,
+    pub limit: Option<usize>,
+}
+
 /// Convert IDX images (N×H×W) + labels (N) into PNG shards `<prefix>-<n:06>.tar` under `out`,
-/// keys `<prefix>-<i:06>`, `per_shard` samples each; only the first `limit` samples if given.
+/// keys `<prefix>-<i:06>` (`i` the index in the file), `per_shard` samples each, only the
+/// samples of `range`.
 pub async fn import_idx(
     images: &std::path::Path,
     labels: &std::path::Path,
@@ -94,7 +104,7 @@ pub async fn import_idx(
     out: &Path,
     prefix: &str,
     per_shard: usize,
-    limit: Option<usize>,
+    range: IdxRange,
 ) -> Result<WriteSummary, ShardsError> {
     let (images_p, labels_p) = (images.to_path_buf(), labels.to_path_buf());
     let (imgs, labs) = tokio::task::spawn_blocking(move || {
@@ -114,12 +124,13 @@ pub async fn import_idx(
         });
     }
     let (n, h, w) = (imgs.dims[0], imgs.dims[1], imgs.dims[2]);
-    let n = limit.map_or(n, |l| l.min(n));
+    let first = range.skip.min(n);
+    let n = range.limit.map_or(n, |l| first.saturating_add(l).min(n));
     let per_shard = per_shard.max(1);
     let imgs = Arc::new(imgs);
     let labs = Arc::new(labs);
     let mut summary = WriteSummary::default();
-    for (s, start) in (0..n).step_by(per_shard).enumerate() {
+    for (s, start) in (first..n).step_by(per_shard).enumerate() {
         let end = (start + per_shard).min(n);
         let (imgs, labs, prefix_s) = (imgs.clone(), labs.clone(), prefix.to_string());
         // PNG encoding is CPU work: keep it off the async runtime.
@@ -177,5 +188,70 @@ mod tests {
         std::fs::write(&p, &v).expect("write");
         let e = read_idx(&p).expect_err("overflowing dims must be rejected");
         assert!(e.to_string().contains("overflow"), "{e}");
+    }
+
+    fn idx(dir: &std::path::Path, name: &str, dims: &[u32], data: &[u8]) -> std::path::PathBuf {
+        let mut v = vec![0, 0, 8, dims.len() as u8];
+        for d in dims {
+            v.extend(d.to_be_bytes());
+        }
+        v.extend(data);
+        let p = dir.join(name);
+        std::fs::write(&p, v).expect("write idx");
+        p
+    }
+
+    #[test]
+    fn a_range_imports_only_its_samples_under_their_file_index() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let n = 10u32;
+        let images = idx(
+            dir.path(),
+            "i.idx",
+            &[n, 2, 2],
+            &(0..40).collect::<Vec<u8>>(),
+        );
+        let labels = idx(dir.path(), "l.idx", &[n], &(0..10).collect::<Vec<u8>>());
+        let store: Arc<dyn ObjectStore> = Arc::new(object_store::memory::InMemory::new());
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .expect("runtime");
+        let import = |skip, limit| {
+            let range = IdxRange { skip, limit };
+            rt.block_on(import_idx(
+                &images,
+                &labels,
+                store.clone(),
+                &Path::from("out"),
+                "p",
+                3,
+                range,
+            ))
+            .expect("import")
+        };
+        // Samples 3..7: two shards (3 + 1), keys named by their index in the file.
+        let s = import(3, Some(4));
+        assert_eq!((s.records, s.shards.len()), (4, 2));
+        let first = rt
+            .block_on(async {
+                store
+                    .get(&Path::from(s.shards[0].as_str()))
+                    .await?
+                    .bytes()
+                    .await
+            })
+            .expect("read shard");
+        let has = |key: &str| first.windows(key.len()).any(|w| w == key.as_bytes());
+        assert!(
+            has("p-000003.") && has("p-000005."),
+            "first shard holds samples 3..6"
+        );
+        assert!(
+            !has("p-000002.") && !has("p-000006."),
+            "nothing outside the range"
+        );
+        // A range past the end imports nothing; a limit past the end stops at the end.
+        assert_eq!(import(10, None).records, 0);
+        assert_eq!(import(8, Some(100)).records, 2);
     }
 }

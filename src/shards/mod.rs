@@ -5,7 +5,7 @@ mod idx;
 mod inspect;
 mod write;
 
-pub use self::idx::{import_idx, read_idx, Idx};
+pub use self::idx::{import_idx, read_idx, Idx, IdxRange};
 pub use self::inspect::{inspect, InspectSummary};
 pub use self::write::{pack_dir, ShardWriter, WriteSummary};
 
