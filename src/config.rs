@@ -62,6 +62,35 @@ pub struct Config {
     pub eval: Option<KnnEvalConfig>,
 }
 
+/// Sets `key` (dotted path) in `table` to `value`, parsed as a TOML value (a bare word that is
+/// not one is taken as a string), creating missing tables on the way.
+fn set_dotted(table: &mut toml::Table, key: &str, value: &str) -> Result<(), ConfigError> {
+    let bad = |message: String| invalid(key, message);
+    let parts: Vec<&str> = key.split('.').collect();
+    if parts.iter().any(|p| p.is_empty()) {
+        return Err(bad(
+            "is not a dotted config key such as odc.num_clusters".into()
+        ));
+    }
+    let parsed = match toml::from_str::<toml::Table>(&format!("v = {value}")) {
+        Ok(mut t) => t.remove("v"),
+        Err(_) => None,
+    }
+    .unwrap_or_else(|| toml::Value::String(value.to_string()));
+    let (last, path) = parts.split_last().ok_or_else(|| bad("is empty".into()))?;
+    let mut cur = table;
+    for p in path {
+        let entry = cur
+            .entry(p.to_string())
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        cur = entry
+            .as_table_mut()
+            .ok_or_else(|| bad(format!("cannot be set: `{p}` holds a value, not a section")))?;
+    }
+    cur.insert(last.to_string(), parsed);
+    Ok(())
+}
+
 impl Config {
     pub fn from_toml(text: &str, path: &str) -> Result<Self, ConfigError> {
         let mut cfg: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
@@ -96,6 +125,35 @@ impl Config {
             source: e,
         })?;
         Self::from_toml(&text, &path.display().to_string())
+    }
+
+    /// [`Self::load`], then each `KEY=VALUE` of `overrides` (a dotted key such as
+    /// `odc.num_clusters`; the value in TOML syntax, or a bare string) replaces that key's
+    /// value before the config is checked, as if the file said so.
+    pub fn load_with_overrides(
+        path: &Path,
+        overrides: &[(String, String)],
+    ) -> Result<Self, ConfigError> {
+        let shown = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError::Read {
+            path: shown.clone(),
+            source: e,
+        })?;
+        if overrides.is_empty() {
+            return Self::from_toml(&text, &shown);
+        }
+        let mut table: toml::Table = toml::from_str(&text).map_err(|e| ConfigError::Parse {
+            path: shown.clone(),
+            message: e.to_string(),
+        })?;
+        for (key, value) in overrides {
+            set_dotted(&mut table, key, value)?;
+        }
+        let text = toml::to_string(&table).map_err(|e| ConfigError::Parse {
+            path: shown.clone(),
+            message: e.to_string(),
+        })?;
+        Self::from_toml(&text, &format!("{shown} with --set overrides"))
     }
 
     /// The sections that define the run's network, for an evaluation of its checkpoints.
@@ -145,7 +203,47 @@ impl Config {
 mod tests {
     use super::*;
 
+    use crate::decode::TransformConfig;
+
     const QUICKSTART: &str = include_str!("../configs/quickstart.toml");
+
+    #[test]
+    fn set_overrides_replace_keys_and_are_checked_like_the_file() -> Result<(), ConfigError> {
+        let dir = tempfile::tempdir().map_err(|e| invalid("tempdir", e.to_string()))?;
+        let path = dir.path().join("q.toml");
+        std::fs::write(&path, QUICKSTART).map_err(|e| invalid("write", e.to_string()))?;
+        let set = |k: &str, v: &str| (k.to_string(), v.to_string());
+        let cfg = Config::load_with_overrides(
+            &path,
+            &[
+                set("odc.num_clusters", "37"),
+                set("model.small_stem", "true"),
+                set("pipeline.transform.train.scale", "[0.5, 1.0]"),
+                set("source.url", "data/other/"),
+            ],
+        )?;
+        assert_eq!(cfg.odc.num_clusters, 37);
+        assert!(cfg.model.small_stem);
+        assert!(
+            matches!(&cfg.pipeline.transform, TransformConfig::Train(a) if a.scale == (0.5, 1.0))
+        );
+        // a bare word is a string, and a plain path still becomes a file:// URL
+        assert!(
+            matches!(&cfg.source, SourceConfig::ObjectStore(s) if s.url.starts_with("file:///") && s.url.ends_with("data/other/"))
+        );
+        // values are checked as if the file said them, naming the field
+        let err = Config::load_with_overrides(&path, &[set("model.width", "0")])
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(err.contains("model.width"), "{err}");
+        let err = Config::load_with_overrides(&path, &[set("odc.num_clusters.x", "1")])
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(err.contains("odc.num_clusters.x"), "{err}");
+        Ok(())
+    }
 
     #[test]
     fn quickstart_config_is_valid() -> Result<(), ConfigError> {

@@ -22,11 +22,15 @@ use crate::train::{TrainError, TrainMetrics, Trainer};
 pub struct RunArgs {
     #[arg(long)]
     pub config: PathBuf,
+    /// Override one config key, KEY=VALUE (repeatable): a dotted key and a TOML value, e.g.
+    /// `--set odc.num_clusters=50 --set source.url=data/shards/other/`.
+    #[arg(long = "set", value_parser = super::parse_kv)]
+    pub overrides: Vec<(String, String)>,
 }
 
 impl RunArgs {
     pub fn execute(self, rt: &tokio::runtime::Runtime) -> anyhow::Result<()> {
-        let cfg = Config::load(&self.config)?;
+        let cfg = Config::load_with_overrides(&self.config, &self.overrides)?;
         crate::logging::init_logging(cfg.log.format);
         rt.block_on(async move {
             let summary = run(cfg, super::shutdown_signal()).await?;
