@@ -77,6 +77,14 @@ fn default_feat_dim() -> usize {
 fn default_dropout() -> f32 {
     0.5
 }
+fn default_small_stem_stride() -> usize {
+    1
+}
+
+fn default_width() -> usize {
+    64
+}
+
 fn default_head_std() -> f64 {
     0.01
 }
@@ -91,9 +99,18 @@ pub struct ModelConfig {
     /// Input channels: 1 (grey) or 3 (RGB).
     #[serde(default = "default_in_channels")]
     pub in_channels: usize,
-    /// 3×3 stride-1 first conv and no max-pool, for 28–64 px images.
+    /// 3×3 first conv and no max-pool, for 28–64 px images (instead of the 7×7 stride-2
+    /// conv + max-pool, which shrinks a 28 px image to 7×7 before the first stage).
     #[serde(default)]
     pub small_stem: bool,
+    /// Stride of the small stem's conv: 1 (the CIFAR stem: full-size first stage, ~13× the
+    /// compute of the standard stem at 32 px) or 2 (half-size first stage).
+    #[serde(default = "default_small_stem_stride")]
+    pub small_stem_stride: usize,
+    /// Channels of the first stage; the stages have width × (1, 2, 4, 8) (torchvision: 64).
+    /// The backbone feature has width × 8 (ResNet-18) or width × 32 (ResNet-50) channels.
+    #[serde(default = "default_width")]
+    pub width: usize,
     /// Hidden width of the neck (the reference uses 512).
     #[serde(default = "default_neck_hidden")]
     pub neck_hidden: usize,
@@ -114,6 +131,8 @@ impl Default for ModelConfig {
             arch: default_arch(),
             in_channels: default_in_channels(),
             small_stem: false,
+            small_stem_stride: default_small_stem_stride(),
+            width: default_width(),
             neck_hidden: default_neck_hidden(),
             feat_dim: default_feat_dim(),
             dropout: default_dropout(),
@@ -130,6 +149,21 @@ impl ModelConfig {
                 format!(
                     "is {}: allowed values are 1 (grey) or 3 (RGB)",
                     self.in_channels
+                ),
+            ));
+        }
+        if self.small_stem_stride != 1 && self.small_stem_stride != 2 {
+            return Err(FieldError::new(
+                "model.small_stem_stride",
+                format!("is {}: allowed values are 1 or 2", self.small_stem_stride),
+            ));
+        }
+        if self.width == 0 || self.width > 1024 {
+            return Err(FieldError::new(
+                "model.width",
+                format!(
+                    "is {}: must be 1..=1024 (torchvision's ResNets use 64)",
+                    self.width
                 ),
             ));
         }
@@ -187,14 +221,8 @@ impl OdcModel {
             return Err(ModelError::Config("odc.num_clusters must be > 0".into()));
         }
         let mut ps = ParamStore::new(device, seed);
-        let backbone = ResNet::new(
-            &mut ps,
-            "backbone",
-            cfg.arch,
-            cfg.in_channels,
-            cfg.small_stem,
-        )?;
-        let c4 = cfg.arch.out_channels();
+        let backbone = ResNet::new(&mut ps, "backbone", cfg)?;
+        let c4 = backbone.out_channels();
         let fc0 = Linear::kaiming(&mut ps, "neck.fc0", c4, cfg.neck_hidden)?;
         let bn0 = BatchNorm::new(&mut ps, "neck.bn0", cfg.neck_hidden, false, 0.001)?;
         let fc1 = Linear::kaiming(&mut ps, "neck.fc1", cfg.neck_hidden, cfg.feat_dim)?;
@@ -246,6 +274,11 @@ impl OdcModel {
             .forward(x, train)?
             .mean(D::Minus1)?
             .mean(D::Minus1)
+    }
+
+    /// Eval-mode backbone map flattened to (N, C × h × w): the spatial layout kept.
+    pub fn backbone_map_features(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        self.backbone.forward(x, false)?.flatten_from(1)
     }
 
     fn neck(&self, pooled: &Tensor, train: bool, dropout_seed: u64) -> candle_core::Result<Tensor> {

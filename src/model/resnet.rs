@@ -1,5 +1,6 @@
 //! ResNet-18 / ResNet-50 backbones with torchvision shapes and parameter names, plus a
-//! small-image stem (3×3 stride-1 conv, no max-pool) for 28–64 px inputs.
+//! small-image stem (3×3 conv of stride 1 or 2, no max-pool) for 28–64 px inputs and a
+//! stage-1 width other than torchvision's 64.
 
 use candle_core::Tensor;
 use serde::{Deserialize, Serialize};
@@ -8,7 +9,7 @@ use super::layers::{BatchNorm, Conv2d};
 use super::ops::MaxPool2d;
 use super::params::{KernelChoice, ParamStore};
 use super::residual::add_relu;
-use super::ModelError;
+use super::{ModelConfig, ModelError};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -18,11 +19,11 @@ pub enum Arch {
 }
 
 impl Arch {
-    /// Channels of the last stage (the backbone's output feature size).
-    pub fn out_channels(self) -> usize {
+    /// Channels of the last stage (the backbone's output feature size) at stage-1 `width`.
+    pub fn out_channels(self, width: usize) -> usize {
         match self {
-            Arch::Resnet18 => 512,
-            Arch::Resnet50 => 2048,
+            Arch::Resnet18 => width * 8,
+            Arch::Resnet50 => width * 32,
         }
     }
 }
@@ -174,37 +175,36 @@ pub struct ResNet {
     maxpool: Option<MaxPool2d>,
     blocks: Vec<Block>,
     arch: Arch,
+    out_channels: usize,
     kernels: KernelChoice,
 }
 
 impl ResNet {
-    /// Builds the backbone under the name prefix `prefix` (e.g. `backbone`).
-    pub fn new(
-        ps: &mut ParamStore,
-        prefix: &str,
-        arch: Arch,
-        in_channels: usize,
-        small_stem: bool,
-    ) -> Result<Self, ModelError> {
-        let (conv1, maxpool) = if small_stem {
+    /// Builds the backbone of `cfg` (arch, input channels, stem, width) under the name prefix
+    /// `prefix` (e.g. `backbone`).
+    pub fn new(ps: &mut ParamStore, prefix: &str, cfg: &ModelConfig) -> Result<Self, ModelError> {
+        let (arch, in_channels, w) = (cfg.arch, cfg.in_channels, cfg.width);
+        let conv1_name = format!("{prefix}.conv1");
+        let (conv1, maxpool) = if cfg.small_stem {
+            let stride = cfg.small_stem_stride;
             (
-                Conv2d::new(ps, &format!("{prefix}.conv1"), in_channels, 64, 3, 1, 1)?,
+                Conv2d::new(ps, &conv1_name, in_channels, w, 3, stride, 1)?,
                 None,
             )
         } else {
             (
-                Conv2d::new(ps, &format!("{prefix}.conv1"), in_channels, 64, 7, 2, 3)?,
+                Conv2d::new(ps, &conv1_name, in_channels, w, 7, 2, 3)?,
                 Some(MaxPool2d::new(3, 2, 1)),
             )
         };
-        let bn1 = BatchNorm::new(ps, &format!("{prefix}.bn1"), 64, true, BN_MOMENTUM)?;
+        let bn1 = BatchNorm::new(ps, &format!("{prefix}.bn1"), w, true, BN_MOMENTUM)?;
         let depths: [usize; 4] = match arch {
             Arch::Resnet18 => [2, 2, 2, 2],
             Arch::Resnet50 => [3, 4, 6, 3],
         };
-        let widths = [64usize, 128, 256, 512];
+        let widths = [w, 2 * w, 4 * w, 8 * w];
         let mut blocks = Vec::new();
-        let mut c_in = 64;
+        let mut c_in = w;
         for (stage, (&depth, &width)) in depths.iter().zip(widths.iter()).enumerate() {
             for i in 0..depth {
                 let stride = if i == 0 && stage > 0 { 2 } else { 1 };
@@ -231,12 +231,18 @@ impl ResNet {
             maxpool,
             blocks,
             arch,
+            out_channels: arch.out_channels(w),
             kernels: ps.kernel_choice().clone(),
         })
     }
 
     pub fn arch(&self) -> Arch {
         self.arch
+    }
+
+    /// Channels of the backbone feature.
+    pub fn out_channels(&self) -> usize {
+        self.out_channels
     }
 
     /// (N, C, H, W) → stage-4 map (N, C4, h, w).
