@@ -37,7 +37,8 @@ pub struct EvalArgs {
     /// Linear probe learning rate (SGD, momentum 0.9, cosine decay, standardised features).
     #[arg(long, default_value_t = 0.1)]
     pub probe_lr: f32,
-    /// Feature evaluated: backbone (pooled backbone output) or neck (the clustered feature).
+    /// Feature evaluated: backbone (pooled backbone output), neck (the clustered feature) or
+    /// spatial (the backbone map flattened, not pooled).
     #[arg(long, default_value = "backbone")]
     pub feature: FeatureKind,
     /// Use at most this many train / test images (the first in shard order).
@@ -51,6 +52,15 @@ pub struct EvalArgs {
     /// Also score the same network randomly initialised as a baseline.
     #[arg(long)]
     pub baseline_random: bool,
+    /// Also score the trained network with BatchNorm statistics re-measured on train images
+    /// (eval transform), as the row `odc_precise_bn`.
+    #[arg(long)]
+    pub precise_bn: bool,
+    /// Subtract the train features' mean from every feature (train and test) before the
+    /// L2 normalisation, for every row ("CL2N"): post-ReLU features are all non-negative, so
+    /// without it their shared mean direction dominates the cosine.
+    #[arg(long)]
+    pub center: bool,
     /// Images per forward pass.
     #[arg(long, default_value_t = 256)]
     pub batch: usize,
@@ -88,6 +98,8 @@ impl EvalArgs {
             max_test: self.max_test,
             baseline_pixels: self.baseline_pixels,
             baseline_random: self.baseline_random,
+            precise_bn: self.precise_bn,
+            center: self.center,
             random_seed: 0,
             batch: self.batch,
         };

@@ -59,7 +59,8 @@ pub struct KnnEvalConfig {
     pub max_train: usize,
     #[serde(default = "default_max_test")]
     pub max_test: usize,
-    /// `backbone` (pooled backbone output) or `neck` (the clustered feature).
+    /// `backbone` (pooled backbone output), `neck` (the clustered feature) or `spatial` (the
+    /// backbone map flattened).
     #[serde(default)]
     pub feature: FeatureKind,
 }

@@ -51,6 +51,10 @@ pub enum FeatureKind {
     Backbone,
     /// The neck's D-dim feature, the one the ODC memory clusters.
     Neck,
+    /// The backbone's last map flattened (C × h × w) instead of averaged: the same as
+    /// `backbone` where the map is 1×1 (the standard stem), and keeps the layout where it is
+    /// not (a small stem at 28 px ends in 2×2).
+    Spatial,
 }
 
 impl std::str::FromStr for FeatureKind {
@@ -59,7 +63,8 @@ impl std::str::FromStr for FeatureKind {
         match s {
             "backbone" => Ok(FeatureKind::Backbone),
             "neck" => Ok(FeatureKind::Neck),
-            other => Err(format!("`{other}`: use backbone or neck")),
+            "spatial" => Ok(FeatureKind::Spatial),
+            other => Err(format!("`{other}`: use backbone, neck or spatial")),
         }
     }
 }
@@ -69,6 +74,7 @@ impl std::fmt::Display for FeatureKind {
         f.write_str(match self {
             FeatureKind::Backbone => "backbone",
             FeatureKind::Neck => "neck",
+            FeatureKind::Spatial => "spatial",
         })
     }
 }
@@ -202,6 +208,7 @@ pub fn extract_features(
         let f = match kind {
             FeatureKind::Backbone => model.backbone_features(&x, false),
             FeatureKind::Neck => model.features_eval(&x),
+            FeatureKind::Spatial => model.backbone_map_features(&x),
         }
         .map_err(EvalError::model)?;
         d = f.dim(1).map_err(EvalError::model)?;

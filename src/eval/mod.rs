@@ -26,8 +26,8 @@ use data::{FeatureKind, LabelledSet};
 use knn::KnnResult;
 use linear_probe::{ProbeConfig, ProbeResult};
 
-/// Batches of train images the `random_init_bn_calibrated` baseline calibrates on.
-const RANDOM_BN_BATCHES: usize = 50;
+/// Batches of train images the `random_init_bn_calibrated` and `odc_precise_bn` rows calibrate on.
+const BN_CALIBRATION_BATCHES: usize = 50;
 
 pub use daemon::{DaemonEval, KnnEvalConfig};
 
@@ -90,6 +90,12 @@ pub struct EvalOptions {
     pub max_test: Option<usize>,
     pub baseline_pixels: bool,
     pub baseline_random: bool,
+    /// Also score the trained network with its BatchNorm running statistics re-measured on
+    /// train images with the eval transform ("precise BN"): training's running statistics
+    /// come from augmented crops, the evaluation sees whole images.
+    pub precise_bn: bool,
+    /// Centre every row's features on the train features' mean before normalising them.
+    pub center: bool,
     /// Seed of the random-init baseline network.
     pub random_seed: u64,
     /// Images per forward pass.
@@ -183,6 +189,9 @@ pub fn score(
     t0: Instant,
 ) -> MethodResult {
     let (ytr, yte, classes) = labels;
+    if opts.center {
+        center_on_train_mean(&mut train, &mut test, d);
+    }
     crate::odc::normalise_rows(&mut train, d);
     crate::odc::normalise_rows(&mut test, d);
     let knn = knn::weighted_knn(
@@ -206,6 +215,26 @@ pub fn score(
     };
     tracing::info!(method, seconds = format!("{:.1}", r.seconds), "scored");
     r
+}
+
+/// Subtracts the column means of `train` (rows of `d`) from both sets.
+fn center_on_train_mean(train: &mut [f32], test: &mut [f32], d: usize) {
+    let rows = train.len() / d.max(1);
+    if rows == 0 {
+        return;
+    }
+    let mut mean = vec![0f64; d];
+    for r in train.chunks_exact(d) {
+        for (m, &x) in mean.iter_mut().zip(r) {
+            *m += f64::from(x);
+        }
+    }
+    let mean: Vec<f32> = mean.iter().map(|m| (m / rows as f64) as f32).collect();
+    for r in train.chunks_exact_mut(d).chain(test.chunks_exact_mut(d)) {
+        for (x, m) in r.iter_mut().zip(&mean) {
+            *x -= m;
+        }
+    }
 }
 
 /// NMI / ARI / purity of the memory's labels against the train set's labels (by key), and
@@ -290,6 +319,12 @@ pub async fn evaluate(
         let t = Instant::now();
         let model = net.build(Some(&weights), 0, &device)?;
         methods.push(score_model("odc", model, t)?);
+        if opts.precise_bn {
+            let t = Instant::now();
+            let model = net.build(Some(&weights), 0, &device)?;
+            data::calibrate_batchnorm(&model, &train, BN_CALIBRATION_BATCHES, opts.batch, &device)?;
+            methods.push(score_model("odc_precise_bn", model, t)?);
+        }
         if opts.baseline_pixels {
             let t = Instant::now();
             methods.push(score(
@@ -310,7 +345,7 @@ pub async fn evaluate(
             // images: separates what training taught the weights from what BN alone does.
             let t = Instant::now();
             let model = net.build(None, opts.random_seed, &device)?;
-            data::calibrate_batchnorm(&model, &train, RANDOM_BN_BATCHES, opts.batch, &device)?;
+            data::calibrate_batchnorm(&model, &train, BN_CALIBRATION_BATCHES, opts.batch, &device)?;
             methods.push(score_model("random_init_bn_calibrated", model, t)?);
         }
         Ok((methods, classes))
@@ -400,5 +435,20 @@ impl EvalReport {
         }
         let _ = writeln!(s, "took {:.1} s", self.seconds);
         s
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn centering_uses_the_train_mean_for_both_sets() {
+        // Two train rows (d = 2) with mean (2, 10); the test row moves by the same amount.
+        let mut train = vec![1.0, 9.0, 3.0, 11.0];
+        let mut test = vec![2.0, 0.0];
+        center_on_train_mean(&mut train, &mut test, 2);
+        assert_eq!(train, vec![-1.0, -1.0, 1.0, 1.0]);
+        assert_eq!(test, vec![0.0, -10.0]);
     }
 }
