@@ -78,6 +78,8 @@ pub struct Resumed {
     pub step: Option<u64>,
     pub source: SourceState,
     pub history: History,
+    /// The checkpoint's `extra` (a multi-rank run's per-rank positions live there).
+    pub extra: serde_json::Value,
 }
 
 /// Restores `trainer` from the latest valid checkpoint in `store`, waiting up to
@@ -108,6 +110,7 @@ pub async fn resume_latest(
                 step: Some(ckpt.step),
                 source,
                 history: History::from_extra(&ckpt.extra),
+                extra: ckpt.extra.clone(),
             })
         }
     })
