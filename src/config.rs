@@ -156,6 +156,49 @@ impl Config {
         Self::from_toml(&text, &format!("{shown} with --set overrides"))
     }
 
+    /// This process as rank `rank` of `ranks` in a data-parallel run (docs/distributed.md):
+    /// `pipeline.batch_size` is the GLOBAL batch, so each rank builds `batch_size / ranks`;
+    /// an object-store source reads only this rank's shards; the metrics endpoint listens on
+    /// its port + `rank` (ranks may share a host). A Kafka source needs nothing: the ranks
+    /// join the same consumer group, which splits the partitions between them.
+    pub fn data_parallel_rank(&mut self, rank: usize, ranks: usize) -> Result<(), ConfigError> {
+        if ranks <= 1 {
+            return Ok(());
+        }
+        let b = self.pipeline.batch_size;
+        if !b.is_multiple_of(ranks) || b / ranks < 2 {
+            return Err(invalid(
+                "pipeline.batch_size",
+                format!(
+                    "{b} is the global batch of a run of {ranks} ranks; it must split into \
+                     equal parts of at least 2 images per rank: use a multiple of {ranks}, at \
+                     least {}",
+                    2 * ranks
+                ),
+            ));
+        }
+        self.pipeline.batch_size = b / ranks;
+        if let SourceConfig::ObjectStore(s) = &mut self.source {
+            s.rank_split = Some((rank, ranks));
+        }
+        if self.metrics.enabled {
+            if let Ok(mut addr) = self.metrics.listen.parse::<std::net::SocketAddr>() {
+                if addr.port() != 0 {
+                    let port = usize::from(addr.port()) + rank;
+                    let port = u16::try_from(port).map_err(|_| {
+                        invalid(
+                            "metrics.listen",
+                            format!("port + rank {rank} exceeds 65535: use a lower port"),
+                        )
+                    })?;
+                    addr.set_port(port);
+                    self.metrics.listen = addr.to_string();
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// The sections that define the run's network, for an evaluation of its checkpoints.
     pub fn eval_model(&self) -> crate::eval::EvalModel {
         crate::eval::EvalModel {

@@ -23,7 +23,8 @@
 //!   k-means, loss), [`optim`] (momentum SGD).
 //! - Ground floor, shared by everything above: [`kafka`] (librdkafka client config),
 //!   [`store`] (object-store URLs), [`metrics`] (the `/metrics` endpoint and readiness),
-//!   [`record`], [`device`], [`logging`], [`validate`] (the one config field error).
+//!   [`record`], [`device`], [`logging`], [`validate`] (the one config field error),
+//!   [`dist`] (collectives for data-parallel training: one process or MPI ranks).
 
 pub mod checkpoint;
 pub mod cmd;
@@ -31,6 +32,7 @@ pub mod config;
 pub mod deadletter;
 pub mod decode;
 pub mod device;
+pub mod dist;
 pub mod eval;
 pub mod kafka;
 pub mod logging;

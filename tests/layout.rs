@@ -8,7 +8,9 @@ use std::path::{Path, PathBuf};
 /// Floors from the ground up; a module may use `crate::X` only for X on a lower floor.
 const FLOORS: &[&[&str]] = &[
     &["validate"],
-    &["record", "device", "logging", "metrics", "store", "kafka"],
+    &[
+        "record", "device", "logging", "metrics", "store", "kafka", "dist",
+    ],
     &["model", "odc", "optim"],
     &["train"],
     &["source"],

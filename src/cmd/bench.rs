@@ -181,7 +181,7 @@ pub fn train_step(bench: &TrainStepBench, dev: &Device) -> Result<TrainStepResul
     })
 }
 
-fn parse_arch(s: &str) -> Result<Arch, String> {
+pub(crate) fn parse_arch(s: &str) -> Result<Arch, String> {
     match s {
         "resnet18" => Ok(Arch::Resnet18),
         "resnet50" => Ok(Arch::Resnet50),
@@ -195,6 +195,9 @@ pub enum BenchCmd {
     /// Training-step throughput (forward + loss + backward + SGD) on random images: median
     /// step time of N steps after one warm-up step, one line on stdout.
     TrainStep(TrainStepArgs),
+    /// The whole ODC step, one process or one rank of `mpirun -np N` (same global batch):
+    /// images/s, and per step the bytes and time of each collective.
+    DataParallel(super::bench_data_parallel::DataParallelArgs),
 }
 
 #[derive(Debug, clap::Args)]
@@ -240,6 +243,7 @@ impl BenchCmd {
                 println!("{r}");
                 Ok(())
             }
+            BenchCmd::DataParallel(a) => a.execute(),
         }
     }
 }

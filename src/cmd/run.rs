@@ -56,8 +56,49 @@ impl RunArgs {
 /// fires (then the step in flight finishes, a checkpoint is written and the sinks flushed).
 /// Must be called inside a tokio runtime.
 pub async fn run(cfg: Config, cancel: CancellationToken) -> Result<RunSummary, TopologyError> {
+    // A launcher (mpirun, srun) that started several ranks makes this a data-parallel run
+    // (docs/distributed.md); a plain start is one process.
+    let collective = crate::dist::from_environment()?;
+    run_with(cfg, cancel, collective).await
+}
+
+/// [`run`] as one rank of `collective`'s world.
+pub async fn run_with(
+    mut cfg: Config,
+    cancel: CancellationToken,
+    collective: std::sync::Arc<dyn crate::dist::Collective>,
+) -> Result<RunSummary, TopologyError> {
+    let (rank, ranks) = (collective.rank(), collective.size());
+    // Checkpoints keep the config as written (the global batch), not this rank's share.
+    let config_json = serde_json::to_value(&cfg)
+        .map_err(|e| TopologyError::Thread(format!("cannot encode the config: {e}")))?;
+    if ranks > 1 {
+        let threads = crate::dist::share_cores_between_ranks();
+        tracing::info!(
+            rank,
+            ranks,
+            compute_threads = ?threads,
+            "data-parallel run: this rank trains on its part of the stream"
+        );
+        cfg.data_parallel_rank(rank, ranks)
+            .map_err(|e| TopologyError::Config(e.to_string()))?;
+    }
+    if ranks > 1 {
+        // A rank still waiting for the others once asked to stop ends promptly (dist docs).
+        let (c, stop) = (collective.clone(), cancel.clone());
+        tokio::spawn(async move {
+            stop.cancelled().await;
+            c.stop_requested();
+        });
+    }
     let device = crate::device::select_device(&cfg.train.device)?;
-    let registry = prometheus::Registry::new();
+    // Several ranks: every metric carries the rank (each rank serves its own endpoint).
+    let registry = if ranks > 1 {
+        let labels = std::collections::HashMap::from([("rank".to_string(), rank.to_string())]);
+        prometheus::Registry::new_custom(None, Some(labels))?
+    } else {
+        prometheus::Registry::new()
+    };
     let data_metrics = DataMetrics::register(&registry)?;
     let train_metrics = TrainMetrics::register(&registry)?;
     let health = Health::new();
@@ -82,6 +123,7 @@ pub async fn run(cfg: Config, cancel: CancellationToken) -> Result<RunSummary, T
         kernels,
         cfg.train.seed,
     )?;
+    trainer.set_collective(collective.clone());
     tracing::info!(
         device = ?device,
         kernels = if kernels.cpu_kernels_on(&device) {
@@ -112,6 +154,10 @@ pub async fn run(cfg: Config, cancel: CancellationToken) -> Result<RunSummary, T
                 None => return Ok(RunSummary::default()), // cancelled while waiting
             }
         }
+    }
+    if let Some(step) = resumed.step {
+        resumed.source = rank_position(&resumed, step, &cfg, rank, ranks)?;
+        trainer.release_memory_unless_root()?;
     }
 
     let embeddings = cfg
@@ -152,8 +198,7 @@ pub async fn run(cfg: Config, cancel: CancellationToken) -> Result<RunSummary, T
         feat_dim: cfg.model.feat_dim,
         embed_every: cfg.embeddings.as_ref().map_or(1, |e| e.every_steps),
         checkpoint: cfg.checkpoint.clone(),
-        config_json: serde_json::to_value(&cfg)
-            .map_err(|e| TopologyError::Thread(format!("cannot encode the config: {e}")))?,
+        config_json,
         metadata: serde_json::json!({
             "arch": cfg.model.arch,
             "in_channels": cfg.model.in_channels,
@@ -205,4 +250,31 @@ pub async fn run(cfg: Config, cancel: CancellationToken) -> Result<RunSummary, T
         }
     }
     res
+}
+
+/// This rank's source position in the checkpoint the run resumed from (written at `step`);
+/// a checkpoint written by another number of ranks is refused.
+fn rank_position(
+    resumed: &Resumed,
+    step: u64,
+    cfg: &Config,
+    rank: usize,
+    ranks: usize,
+) -> Result<crate::source::SourceState, TopologyError> {
+    let world = crate::topology::train_loop::checkpoint_world(&resumed.extra);
+    let written = world.as_ref().map_or(1, |(n, _)| *n);
+    if written != ranks {
+        return Err(TopologyError::WorldSizeChanged {
+            checkpoint: format!(
+                "step {step} in {}",
+                cfg.checkpoint.as_ref().map_or("?", |c| c.url.as_str())
+            ),
+            written,
+            ranks,
+        });
+    }
+    Ok(match world {
+        Some((_, mut states)) if rank < states.len() => states.swap_remove(rank),
+        _ => resumed.source.clone(),
+    })
 }

@@ -5,8 +5,10 @@ use candle_core::{DType, Module, Tensor, D};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
-use super::ops::{batch_norm_train_cpu, conv2d_param};
-use super::params::{BnMomentumOverride, Buffer, KernelChoice, ParamStore, WeightGrads};
+use super::ops::{batch_norm_train_cpu_sync, conv2d_param};
+use super::params::{
+    BnMomentumOverride, BnSyncChoice, Buffer, KernelChoice, ParamStore, WeightGrads,
+};
 use super::ModelError;
 
 /// 2-D convolution without bias (ResNet convs are always followed by BatchNorm).
@@ -108,6 +110,7 @@ pub struct BatchNorm {
     momentum: f64,
     momentum_override: BnMomentumOverride,
     kernels: KernelChoice,
+    sync: BnSyncChoice,
     eps: f64,
 }
 
@@ -134,6 +137,7 @@ impl BatchNorm {
             momentum,
             momentum_override: ps.bn_momentum_override().clone(),
             kernels: ps.kernel_choice().clone(),
+            sync: ps.bn_sync().clone(),
             eps: 1e-5,
         })
     }
@@ -150,11 +154,27 @@ impl BatchNorm {
 
     /// BatchNorm followed by ReLU when `relu`. Training on f32 CPU tensors with affine
     /// parameters and `auto` kernels uses the fused kernel of `ops/batchnorm.rs`; everything
-    /// else candle ops.
+    /// else candle ops. Synchronised over ranks (data-parallel training, `BnSyncChoice`),
+    /// every training forward on the CPU kernels goes through the fused kernel, which then
+    /// normalises with the global batch's statistics (a layer without affine parameters with
+    /// a constant scale 1 and shift 0).
     pub fn forward_act(&self, x: &Tensor, train: bool, relu: bool) -> candle_core::Result<Tensor> {
-        if let (true, Some((w, b))) = (train && self.kernels.cpu_kernels_for(x), &self.affine) {
-            let (y, stats) = batch_norm_train_cpu(x, w, b, self.eps, relu)?;
-            let n = x.elem_count() / x.dim(1)?;
+        let sync = self.sync.get();
+        let fused = train && self.kernels.cpu_kernels_for(x);
+        let affine = match (&self.affine, &sync) {
+            (Some((w, b)), _) => Some((w.clone(), b.clone())),
+            (None, Some(_)) if fused => {
+                let c = x.dim(1)?;
+                Some((
+                    Tensor::ones(c, DType::F32, x.device())?,
+                    Tensor::zeros(c, DType::F32, x.device())?,
+                ))
+            }
+            (None, _) => None,
+        };
+        if let (true, Some((w, b))) = (fused, &affine) {
+            let (y, stats) = batch_norm_train_cpu_sync(x, w, b, self.eps, relu, sync)?;
+            let n = stats.count;
             let c = stats.mean.len();
             let m = self.momentum();
             let unbiased = if n > 1 {

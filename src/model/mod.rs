@@ -264,6 +264,12 @@ impl OdcModel {
         self.ps.kernel_choice().set(kernels);
     }
 
+    /// Synchronises every BatchNorm's training statistics over the ranks of `sync`
+    /// (data-parallel training on odcd's CPU kernels; `None`: this process's batch only).
+    pub fn set_batchnorm_sync(&self, sync: ops::BnSync) {
+        self.ps.bn_sync().set(sync);
+    }
+
     pub fn kernels(&self) -> Kernels {
         self.ps.kernel_choice().get()
     }

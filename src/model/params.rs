@@ -47,6 +47,30 @@ pub struct ParamStore {
     bn_momentum: BnMomentumOverride,
     weight_grads: WeightGrads,
     kernels: KernelChoice,
+    bn_sync: BnSyncChoice,
+}
+
+/// The ranks the model's BatchNorm layers synchronise their statistics with (none: this
+/// process's batch alone); shared by the model's layers, read at every training forward.
+#[derive(Clone, Default)]
+pub struct BnSyncChoice(Arc<Mutex<super::ops::BnSync>>);
+
+impl std::fmt::Debug for BnSyncChoice {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let ranks = self.get().map_or(1, |c| c.size());
+        write!(f, "BnSyncChoice(ranks: {ranks})")
+    }
+}
+
+impl BnSyncChoice {
+    pub fn set(&self, sync: super::ops::BnSync) {
+        if let Ok(mut s) = self.0.lock() {
+            *s = sync;
+        }
+    }
+    pub fn get(&self) -> super::ops::BnSync {
+        self.0.lock().ok().and_then(|s| s.clone())
+    }
 }
 
 /// A momentum that, while set, every BatchNorm of one model uses instead of its own: BN
@@ -106,6 +130,7 @@ impl ParamStore {
             bn_momentum: BnMomentumOverride::default(),
             weight_grads: WeightGrads::default(),
             kernels: KernelChoice::default(),
+            bn_sync: BnSyncChoice::default(),
         }
     }
 
@@ -184,6 +209,9 @@ impl ParamStore {
         &self.kernels
     }
 
+    pub fn bn_sync(&self) -> &BnSyncChoice {
+        &self.bn_sync
+    }
     pub fn bn_momentum_override(&self) -> &BnMomentumOverride {
         &self.bn_momentum
     }

@@ -49,6 +49,10 @@ pub struct ObjectStoreSourceConfig {
     /// Items buffered between the source and its consumer (backpressure bound).
     #[serde(default = "default_channel_capacity")]
     pub channel_capacity: usize,
+    /// Data-parallel runs: (rank, ranks); this rank reads the shards whose index in the sorted
+    /// listing is `rank` modulo `ranks`. Set by `odcd run` from the launcher, not in the file.
+    #[serde(skip)]
+    pub rank_split: Option<(usize, usize)>,
 }
 
 fn default_mode() -> SourceMode {
@@ -82,6 +86,7 @@ impl ObjectStoreSourceConfig {
             retry_backoff_ms: default_retry_backoff_ms(),
             max_member_bytes: default_max_member_bytes(),
             channel_capacity: default_channel_capacity(),
+            rank_split: None,
         }
     }
 }

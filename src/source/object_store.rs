@@ -64,6 +64,18 @@ pub struct ObjectStoreSource {
     metrics: Option<DataMetrics>,
 }
 
+/// The rank of `ranks` that reads the shard `name` in `follow` mode: FNV-1a of the name
+/// modulo `ranks`. Stable while the listing grows, and the same on every rank and every
+/// restart with the same number of ranks.
+pub fn shard_rank(name: &str, ranks: usize) -> usize {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in name.as_bytes() {
+        h ^= u64::from(*b);
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    (h % ranks.max(1) as u64) as usize
+}
+
 impl ObjectStoreSource {
     /// Open the store named by `cfg.url` (environment credentials + `cfg.options`).
     pub fn from_config(cfg: ObjectStoreSourceConfig) -> Result<Self, SourceError> {
@@ -128,6 +140,27 @@ impl ObjectStoreSource {
             .filter(|(n, _)| is_shard_name(n))
             .collect();
         names.sort();
+        if let Some((rank, ranks)) = self.cfg.rank_split.filter(|&(_, n)| n > 1) {
+            // This rank's part: every shard is read by exactly one rank.
+            names = match self.cfg.mode {
+                // The listing grows while the run reads it: a shard's place in it moves when
+                // a name sorting before it appears, so the split follows the name alone.
+                SourceMode::Follow => names
+                    .into_iter()
+                    .filter(|(n, _)| shard_rank(n, ranks) == rank)
+                    .collect(),
+                // A listing fixed for the pass: every rank-th shard, so the parts differ by
+                // one shard at most and the ranks' batches interleave in listing order. In
+                // `loop` mode each rank lists at the start of its own pass: a shard added in
+                // between may be read by two ranks, or none, in that one pass.
+                _ => names
+                    .into_iter()
+                    .enumerate()
+                    .filter(|(i, _)| i % ranks == rank)
+                    .map(|(_, n)| n)
+                    .collect(),
+            };
+        }
         Ok(names)
     }
 
@@ -557,6 +590,39 @@ async fn send(
 mod tests {
     use super::*;
     use object_store::{aws::AmazonS3Builder, BackoffConfig, RetryConfig};
+
+    /// `follow` mode with 2 ranks: the two parts split the listing, and a shard whose name
+    /// sorts first leaves every other shard with the rank that already had it.
+    #[tokio::test]
+    async fn follow_mode_splits_shards_by_name_and_keeps_the_split_as_the_listing_grows() {
+        let dir = tempfile::tempdir().unwrap();
+        let put = |name: &str| std::fs::write(dir.path().join(name), b"").unwrap();
+        for i in 1..=9 {
+            put(&format!("s-{i:03}.tar"));
+        }
+        let url = format!("file://{}/", dir.path().display());
+        let part = |rank: usize| {
+            let mut cfg = ObjectStoreSourceConfig::new(url.clone());
+            cfg.mode = SourceMode::Follow;
+            cfg.rank_split = Some((rank, 2));
+            ObjectStoreSource::from_config(cfg).unwrap()
+        };
+        let (a, b) = (part(0), part(1));
+        let (a1, b1) = (
+            a.list_shards().await.unwrap(),
+            b.list_shards().await.unwrap(),
+        );
+        assert_eq!(a1.len() + b1.len(), 9);
+        assert!(a1.iter().all(|n| !b1.contains(n)), "{a1:?} / {b1:?}");
+        put("s-000.tar");
+        let (a2, b2) = (
+            a.list_shards().await.unwrap(),
+            b.list_shards().await.unwrap(),
+        );
+        assert_eq!(a2.len() + b2.len(), 10);
+        assert!(a1.iter().all(|n| a2.contains(n)), "{a1:?} -> {a2:?}");
+        assert!(b1.iter().all(|n| b2.contains(n)), "{b1:?} -> {b2:?}");
+    }
 
     /// An S3 endpoint nobody listens on is an outage of the store; a missing object in a store
     /// that answers is not.

@@ -62,6 +62,16 @@ pub enum TopologyError {
     Thread(String),
     #[error("evaluation: {0}")]
     Eval(#[from] crate::eval::EvalError),
+    #[error("data-parallel training: {0}")]
+    Dist(#[from] crate::dist::DistError),
+    #[error("data-parallel run: {0}")]
+    Config(String),
+    #[error("checkpoint {checkpoint} was written by {written} rank(s) but this job has {ranks}: each rank's source position belongs to its own part of the stream, so restart with `mpirun -np {written}` (or a plain `odcd run` for 1), or point checkpoint.url at a new location to start afresh with {ranks}")]
+    WorldSizeChanged {
+        checkpoint: String,
+        written: usize,
+        ranks: usize,
+    },
 }
 
 /// The running data path.

@@ -78,6 +78,8 @@ pub struct Resumed {
     pub step: Option<u64>,
     pub source: SourceState,
     pub history: History,
+    /// The checkpoint's `extra` (a multi-rank run's per-rank positions live there).
+    pub extra: serde_json::Value,
 }
 
 /// Restores `trainer` from the latest valid checkpoint in `store`, waiting up to
@@ -103,12 +105,14 @@ pub async fn resume_latest(
         Some(None) => Some(Resumed::default()),
         Some(Some((m, ckpt))) => {
             let (step, history) = (ckpt.step, History::from_extra(&ckpt.extra));
+            let extra = ckpt.extra.clone();
             let source = restore(trainer, ckpt)?;
             tracing::info!(step, id = %m.id, "resumed from checkpoint");
             Some(Resumed {
                 step: Some(step),
                 source,
                 history,
+                extra,
             })
         }
     })

@@ -12,6 +12,9 @@
 //!    every row up to its step (else it fails and is tried again at the next one); a Kafka
 //!    source's offsets are committed once the checkpoint covering them is durable.
 
+mod data_parallel;
+pub use self::data_parallel::{checkpoint_world, DATA_PARALLEL_KEY};
+
 use std::collections::{HashSet, VecDeque};
 use std::time::{Duration, Instant};
 
@@ -121,11 +124,18 @@ impl TrainLoop {
                 ..RunSummary::default()
             },
         };
-        if self.resumed_from.is_none() && !self.warm_up(&mut p)? {
-            return Ok(p.summary); // stopped during the warm-up
+        if self.resumed_from.is_none() {
+            let warmed = if self.collective().size() > 1 {
+                self.warm_up_distributed(&mut p)?
+            } else {
+                self.warm_up(&mut p)?
+            };
+            if !warmed {
+                return Ok(p.summary); // stopped during the warm-up
+            }
         }
         let metrics = self.stages.metrics.clone();
-        metrics.observe_memory(&self.trainer.memory().stats());
+        metrics.observe_memory(&self.trainer.memory_stats());
         metrics.step.set(self.trainer.step_count() as i64);
         self.stages.health.set_training(true);
 
@@ -139,7 +149,8 @@ impl TrainLoop {
             CheckpointSchedule::new(self.settings.checkpoint.as_ref(), self.trainer.step_count());
         let mut window = ProgressWindow::new();
         loop {
-            if self.cancel.is_cancelled() {
+            // With several ranks the stop is agreed in `next_batch_agreed`, at the same step.
+            if self.collective().size() == 1 && self.cancel.is_cancelled() {
                 tracing::info!("stop requested: finishing after the step in flight");
                 break;
             }
@@ -152,7 +163,7 @@ impl TrainLoop {
                 break;
             }
             let t_wait = Instant::now();
-            let Some((batch, state)) = self.next_batch(&mut p) else {
+            let Some((batch, state)) = self.next_batch_agreed(&mut p)? else {
                 break;
             };
             metrics.batch_queue_depth.set(self.batches.queued() as i64);
@@ -168,7 +179,7 @@ impl TrainLoop {
             s.steps = out.step + 1;
             s.first_loss.get_or_insert(out.loss);
             s.last_loss = Some(out.loss);
-            let stats = self.trainer.memory().stats();
+            let stats = self.trainer.memory_stats();
             metrics.observe_step(&out, out.reseeded.len(), batch.keys.len());
             metrics.observe_memory(&stats);
             s.max_empty_clusters_after_step =
@@ -184,7 +195,7 @@ impl TrainLoop {
             if (out.step + 1) % self.settings.train.log_every == 0 {
                 self.log_progress(&out, &stats, &mut window);
             }
-            if schedule.due(self.trainer.step_count()) {
+            if self.agree_checkpoint(schedule.due(self.trainer.step_count()))? {
                 // A failed checkpoint is tried again at the next checkpoint moment.
                 self.checkpoint(&trained_state, p.unqueued_step, &mut p.summary);
                 schedule.written(self.trainer.step_count());
@@ -196,7 +207,9 @@ impl TrainLoop {
         if schedule.enabled() && self.trainer.step_count() > schedule.last_step {
             self.checkpoint(&trained_state, p.unqueued_step, &mut p.summary);
         }
-        if let Some(path) = &self.settings.train.save_weights {
+        // Parameters are identical on every rank: rank 0 writes them.
+        let weights_path = self.settings.train.save_weights.as_ref();
+        if let Some(path) = weights_path.filter(|_| self.collective().is_root()) {
             let bytes = self
                 .trainer
                 .model()
@@ -417,21 +430,26 @@ impl TrainLoop {
             return;
         };
         let t0 = Instant::now();
-        let res = self
-            .barrier(unqueued)
-            .and_then(|()| self.build_checkpoint(source))
-            .and_then(|ck| {
-                self.rt
-                    .block_on(async {
-                        tokio::time::timeout(
-                            Duration::from_secs(c.timeout_secs),
-                            store.save_live(&ck, self.trainer.memory()),
-                        )
-                        .await
-                    })
-                    .map_err(|_| format!("timed out after {} s", c.timeout_secs))
-                    .and_then(|r| r.map_err(|e| e.to_string()))
-            });
+        let save = |ck: Checkpoint| {
+            self.rt
+                .block_on(async {
+                    tokio::time::timeout(
+                        Duration::from_secs(c.timeout_secs),
+                        store.save_live(&ck, self.trainer.memory()),
+                    )
+                    .await
+                })
+                .map_err(|_| format!("timed out after {} s", c.timeout_secs))
+                .and_then(|r| r.map_err(|e| e.to_string()))
+                .map(|m| (m.step, m.id.to_string(), m.total_bytes()))
+        };
+        let res = if self.collective().size() > 1 {
+            self.checkpoint_distributed(source, unqueued, save)
+        } else {
+            self.barrier(unqueued)
+                .and_then(|()| self.build_checkpoint(source))
+                .and_then(save)
+        };
         let (metrics, health) = (&self.stages.metrics, &self.stages.health);
         match res {
             Ok(m) => {
@@ -447,9 +465,9 @@ impl TrainLoop {
                     k.commit(source);
                 }
                 tracing::info!(
-                    step = m.step,
-                    id = %m.id,
-                    bytes = m.total_bytes(),
+                    step = m.0,
+                    id = %m.1,
+                    bytes = m.2,
                     seconds = format!("{:.2}", t0.elapsed().as_secs_f64()),
                     "checkpoint written"
                 );
@@ -530,14 +548,19 @@ impl WarmupBuffer {
     /// Embeds `batch` and keeps the features of its keys not seen before.
     fn add(&mut self, trainer: &Trainer, batch: &Batch) -> Result<(), TrainError> {
         let f = trainer.embed(&batch.images)?;
+        self.add_rows(&batch.keys, &f);
+        Ok(())
+    }
+
+    /// Keeps the rows (`keys`, features `f`) whose keys were not seen before.
+    fn add_rows(&mut self, keys: &[String], f: &[f32]) {
         let d = self.dim;
-        for (i, key) in batch.keys.iter().enumerate() {
+        for (i, key) in keys.iter().enumerate() {
             if self.keys.len() < self.capacity && self.seen.insert(key.clone()) {
                 self.keys.push(key.clone());
                 self.feats.extend_from_slice(&f[i * d..(i + 1) * d]);
             }
         }
-        Ok(())
     }
 }
 

@@ -5,6 +5,7 @@
 //! BEFORE this step's update (unseen keys are first labelled by their nearest centroid) and
 //! the class weights computed at the end of the previous step.
 
+use std::sync::Arc;
 use std::time::Instant;
 
 use candle_core::{Device, Tensor, D};
@@ -12,6 +13,7 @@ use serde::Serialize;
 
 use super::OdcConfig;
 use crate::device::Kernels;
+use crate::dist::{Collective, DistError, SingleProcess};
 use crate::model::{ModelConfig, ModelError, OdcModel};
 use crate::odc::{self, KMeansConfig, MemoryCompute, OdcError, StreamingMemory};
 use crate::optim::{OptimError, Sgd, SgdConfig};
@@ -35,7 +37,13 @@ pub enum TrainError {
     NonFinite(f32, u64),
     #[error(transparent)]
     Field(#[from] FieldError),
+    #[error("data-parallel training: {0}")]
+    Dist(#[from] DistError),
+    #[error("rank 0 failed this step, so every rank stops: {0}")]
+    RootFailed(String),
 }
+
+mod data_parallel;
 
 /// Wall time of each part of a step, in seconds.
 #[derive(Debug, Clone, Copy, Default, Serialize)]
@@ -70,7 +78,7 @@ pub struct StepOutput {
 }
 
 /// The result of the initial clustering on the warm-up buffer.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
 pub struct InitReport {
     pub samples: usize,
     pub seconds: f64,
@@ -89,6 +97,11 @@ pub struct Trainer {
     odc_cfg: OdcConfig,
     step: u64,
     seed: u64,
+    /// The ranks this trainer trains with (one process: [`SingleProcess`]). With more than
+    /// one, the ODC memory lives on rank 0 only (`data_parallel.rs`).
+    collective: Arc<dyn Collective>,
+    /// On ranks other than 0: rank 0's memory statistics after the last step.
+    remote_stats: Option<odc::MemoryStats>,
 }
 
 impl Trainer {
@@ -124,7 +137,29 @@ impl Trainer {
             odc_cfg: odc_cfg.clone(),
             step: 0,
             seed,
+            collective: Arc::new(SingleProcess),
+            remote_stats: None,
         })
+    }
+
+    /// Trains data-parallel with the ranks of `collective` (see `data_parallel.rs`).
+    pub fn set_collective(&mut self, collective: Arc<dyn Collective>) {
+        // SyncBN: BatchNorm normalises with the global batch's statistics, as one process
+        // with the whole batch would (on odcd's CPU kernels; the generic path stays per rank).
+        self.model
+            .set_batchnorm_sync((collective.size() > 1).then(|| collective.clone()));
+        self.collective = collective;
+    }
+    pub fn collective(&self) -> &Arc<dyn Collective> {
+        &self.collective
+    }
+    /// Statistics of the ODC memory: this process's, or on ranks other than 0 (which hold
+    /// none) rank 0's as of the last step.
+    pub fn memory_stats(&self) -> odc::MemoryStats {
+        match &self.remote_stats {
+            Some(s) if !self.collective.is_root() => s.clone(),
+            _ => self.memory.stats(),
+        }
     }
 
     pub fn model(&self) -> &OdcModel {
@@ -194,6 +229,17 @@ impl Trainer {
         keys: Vec<String>,
         features: Vec<f32>,
     ) -> Result<InitReport, TrainError> {
+        if self.collective.size() > 1 {
+            return self.initial_clustering_distributed(keys, features);
+        }
+        self.initial_clustering_local(keys, features)
+    }
+
+    fn initial_clustering_local(
+        &mut self,
+        keys: Vec<String>,
+        features: Vec<f32>,
+    ) -> Result<InitReport, TrainError> {
         let t0 = Instant::now();
         let d = self.model.config().feat_dim;
         if features.len() != keys.len() * d {
@@ -246,6 +292,9 @@ impl Trainer {
 
     /// One training step on a batch (N, C, H, W) with its sample keys.
     pub fn step(&mut self, images: &Tensor, keys: &[String]) -> Result<StepOutput, TrainError> {
+        if self.collective.size() > 1 {
+            return self.step_distributed(images, keys);
+        }
         let b = images.dim(0)?;
         if b != keys.len() {
             return Err(TrainError::BatchMismatch {

@@ -139,6 +139,11 @@ impl Tansu {
 
     /// Produce records (key, value, headers) and wait for every delivery.
     pub fn produce(&self, topic: &str, records: &[InRec]) {
+        self.produce_to(topic, None, records)
+    }
+
+    /// [`Tansu::produce`] into one partition (`Some`), or where the key hashes to (`None`).
+    pub fn produce_to(&self, topic: &str, partition: Option<i32>, records: &[InRec]) {
         let p: BaseProducer = client(&self.brokers)
             .set("enable.idempotence", "true")
             .create()
@@ -155,6 +160,9 @@ impl Tansu {
                 .key(k.as_bytes())
                 .payload(v)
                 .headers(h);
+            if let Some(p) = partition {
+                rec = rec.partition(p);
+            }
             loop {
                 match p.send(rec) {
                     Ok(()) => break,

@@ -12,11 +12,32 @@ use std::sync::{Arc, Mutex};
 use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
+use crate::dist::Collective;
+
 /// Per-channel batch statistics of one forward call: mean and biased variance.
 #[derive(Debug, Clone, Default)]
 pub struct BatchStats {
     pub mean: Vec<f32>,
     pub var: Vec<f32>,
+    /// Values per channel the statistics cover (N·H·W; summed over the ranks when
+    /// synchronised).
+    pub count: usize,
+}
+
+/// Synchronised BatchNorm (SyncBN): the ranks whose batches one BatchNorm normalises
+/// together. Forward: the channel sums and the count, then the squared deviations, are
+/// all-reduced, so every rank normalises with the statistics of the global batch. Backward:
+/// the two channel sums of the input gradient are all-reduced (the weight and bias gradients
+/// stay this rank's part; the optimizer's gradient all-reduce sums them).
+pub type BnSync = Option<Arc<dyn Collective>>;
+
+fn sync_sum(sync: &BnSync, buf: &mut [f64]) -> candle_core::Result<()> {
+    match sync {
+        Some(c) => c
+            .all_reduce_sum_f64(buf)
+            .map_err(|e| candle_core::Error::Msg(format!("synchronised batch-norm: {e}"))),
+        None => Ok(()),
+    }
 }
 
 /// (N, C, P) view of a tensor normalised over dim 1.
@@ -110,6 +131,7 @@ struct BnTrainOp {
     eps: f64,
     relu: bool,
     stats: StatsSlot,
+    sync: BnSync,
 }
 
 impl CustomOp3 for BnTrainOp {
@@ -141,18 +163,50 @@ impl CustomOp3 for BnTrainOp {
         if g.count() == 0 || g.c == 0 {
             candle_core::bail!("batch-norm: empty batch");
         }
-        let m = g.count() as f64;
-        let stats: Vec<(f32, f32)> = (0..g.c)
-            .into_par_iter()
-            .map(|c| {
-                let mean = g.channel_sum(c, |i| x[i] as f64) / m;
-                let var = g.channel_sum(c, |i| {
-                    let d = x[i] as f64 - mean;
-                    d * d
-                }) / m;
-                (mean as f32, var as f32)
-            })
-            .collect();
+        let (stats, count) = if self.sync.is_none() {
+            let m = g.count() as f64;
+            let stats: Vec<(f32, f32)> = (0..g.c)
+                .into_par_iter()
+                .map(|c| {
+                    let mean = g.channel_sum(c, |i| x[i] as f64) / m;
+                    let var = g.channel_sum(c, |i| {
+                        let d = x[i] as f64 - mean;
+                        d * d
+                    }) / m;
+                    (mean as f32, var as f32)
+                })
+                .collect();
+            (stats, g.count())
+        } else {
+            // the global batch: sums and count, then squared deviations from the global mean
+            let mut sums: Vec<f64> = (0..g.c)
+                .into_par_iter()
+                .map(|c| g.channel_sum(c, |i| x[i] as f64))
+                .collect();
+            sums.push(g.count() as f64);
+            sync_sum(&self.sync, &mut sums)?;
+            let m = sums[g.c];
+            if m <= 0.0 {
+                candle_core::bail!("synchronised batch-norm: empty global batch");
+            }
+            let means: Vec<f64> = sums[..g.c].iter().map(|s| s / m).collect();
+            let mut sq: Vec<f64> = (0..g.c)
+                .into_par_iter()
+                .map(|c| {
+                    g.channel_sum(c, |i| {
+                        let d = x[i] as f64 - means[c];
+                        d * d
+                    })
+                })
+                .collect();
+            sync_sum(&self.sync, &mut sq)?;
+            let stats = means
+                .iter()
+                .zip(&sq)
+                .map(|(&mean, &s)| (mean as f32, (s / m) as f32))
+                .collect();
+            (stats, m as usize)
+        };
         let scales: Vec<f32> = stats
             .iter()
             .zip(gamma)
@@ -183,7 +237,7 @@ impl CustomOp3 for BnTrainOp {
             })
         };
         let (mean, var) = stats.into_iter().unzip();
-        *self.stats.lock().map_err(|_| lock_err())? = Some(BatchStats { mean, var });
+        *self.stats.lock().map_err(|_| lock_err())? = Some(BatchStats { mean, var, count });
         Ok((CpuStorage::F32(y), l1.shape().clone()))
     }
 
@@ -206,6 +260,7 @@ impl CustomOp3 for BnTrainOp {
             relu: self.relu,
             stats,
             gamma: gamma.to_vec1::<f32>()?,
+            sync: self.sync.clone(),
         };
         let c = gamma.elem_count();
         let n = x.elem_count();
@@ -223,6 +278,7 @@ struct BnTrainBwd {
     relu: bool,
     stats: BatchStats,
     gamma: Vec<f32>,
+    sync: BnSync,
 }
 
 impl CustomOp3 for BnTrainBwd {
@@ -275,11 +331,20 @@ impl CustomOp3 for BnTrainBwd {
                 (dg * inv_std[c], db)
             })
             .collect();
-        let m = g.count() as f64;
+        // Synchronised: the sums over the global batch for dx (M its count); the weight
+        // and bias gradients below stay this rank's own sums.
+        let (global, m) = if self.sync.is_some() {
+            let mut flat: Vec<f64> = sums.iter().flat_map(|&(a, b)| [a, b]).collect();
+            sync_sum(&self.sync, &mut flat)?;
+            let global: Vec<(f64, f64)> = flat.chunks_exact(2).map(|p| (p[0], p[1])).collect();
+            (global, self.stats.count as f64)
+        } else {
+            (sums.clone(), g.count() as f64)
+        };
         // dx = k·(dy − Σdy/M − xhat·Σ(dy·xhat)/M), k = gamma·inv_std, xhat = (x − mean)·inv_std
         let coef: Vec<(f32, f32, f32, f32)> = (0..g.c)
             .map(|c| {
-                let (dg, db) = sums[c];
+                let (dg, db) = global[c];
                 let k = self.gamma[c] as f64 * inv_std[c];
                 let b = k * dg * inv_std[c] / m;
                 (k as f32, b as f32, self.stats.mean[c], (-k * db / m) as f32)
@@ -327,11 +392,25 @@ pub fn batch_norm_train_cpu(
     eps: f64,
     relu: bool,
 ) -> candle_core::Result<(Tensor, BatchStats)> {
+    batch_norm_train_cpu_sync(x, gamma, beta, eps, relu, None)
+}
+
+/// [`batch_norm_train_cpu`] over the global batch of the ranks of `sync` ([`BnSync`]); every
+/// rank must call it for the same layers in the same order.
+pub fn batch_norm_train_cpu_sync(
+    x: &Tensor,
+    gamma: &Tensor,
+    beta: &Tensor,
+    eps: f64,
+    relu: bool,
+    sync: BnSync,
+) -> candle_core::Result<(Tensor, BatchStats)> {
     let stats: StatsSlot = Arc::new(Mutex::new(None));
     let op = BnTrainOp {
         eps,
         relu,
         stats: stats.clone(),
+        sync,
     };
     let y = x
         .contiguous()?

@@ -19,7 +19,7 @@ mod gemm;
 mod im2col;
 pub mod maxpool;
 
-pub use batchnorm::{batch_norm_train_cpu, BatchStats};
+pub use batchnorm::{batch_norm_train_cpu, batch_norm_train_cpu_sync, BatchStats, BnSync};
 pub(crate) use conv::conv2d_param;
 pub use conv::{conv2d, WeightGrads};
 pub use maxpool::MaxPool2d;
