@@ -310,26 +310,40 @@ impl TrainLoop {
                 buffer.add(&self.trainer, batch)?;
             }
         }
+        if buffer.keys.len() < k && self.cancel.is_cancelled() {
+            return Ok(false);
+        }
+        self.cluster_warmup(buffer, k, true)?;
+        Ok(true)
+    }
+
+    /// The end of the warm-up, on one process or every rank: the initial k-means over the
+    /// buffer (an error if it holds fewer than `k` samples), logged where `log`.
+    fn cluster_warmup(
+        &mut self,
+        buffer: WarmupBuffer,
+        k: usize,
+        log: bool,
+    ) -> Result<(), TopologyError> {
         if buffer.keys.len() < k {
-            if self.cancel.is_cancelled() {
-                return Ok(false);
-            }
             return Err(TopologyError::TooFewSamples {
                 got: buffer.keys.len(),
                 k,
             });
         }
         let init = self.trainer.initial_clustering(buffer.keys, buffer.feats)?;
-        tracing::info!(
-            samples = init.samples,
-            seconds = format!("{:.2}", init.seconds),
-            empty_after_kmeans = init.empty_after_kmeans,
-            empty_after_fix = init.empty_after_fix,
-            min_size = init.min_size,
-            max_size = init.max_size,
-            "initial clustering done"
-        );
-        Ok(true)
+        if log {
+            tracing::info!(
+                samples = init.samples,
+                seconds = format!("{:.2}", init.seconds),
+                empty_after_kmeans = init.empty_after_kmeans,
+                empty_after_fix = init.empty_after_fix,
+                min_size = init.min_size,
+                max_size = init.max_size,
+                "initial clustering done"
+            );
+        }
+        Ok(())
     }
 
     /// Phase 3: the step's L2-normalised features, its cluster labels and the batch's keys

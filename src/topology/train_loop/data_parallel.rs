@@ -170,24 +170,7 @@ impl TrainLoop {
                 None => break,
             }
         }
-        if buffer.keys.len() < k {
-            return Err(TopologyError::TooFewSamples {
-                got: buffer.keys.len(),
-                k,
-            });
-        }
-        let init = self.trainer.initial_clustering(buffer.keys, buffer.feats)?;
-        if c.is_root() {
-            tracing::info!(
-                samples = init.samples,
-                seconds = format!("{:.2}", init.seconds),
-                empty_after_kmeans = init.empty_after_kmeans,
-                empty_after_fix = init.empty_after_fix,
-                min_size = init.min_size,
-                max_size = init.max_size,
-                "initial clustering done"
-            );
-        }
+        self.cluster_warmup(buffer, k, c.is_root())?;
         Ok(true)
     }
 
