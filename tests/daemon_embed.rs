@@ -48,8 +48,57 @@ fn embed_with_a_checkpoint_writes_one_row_per_record() {
         .expect("run odcd embed");
     assert!(status.success());
 
-    let mut keys = std::collections::HashSet::new();
-    for e in std::fs::read_dir(&out).expect("inference dir") {
+    let neck = read_embeddings(&out);
+    assert_eq!(neck.len(), 200, "one row per fixture record");
+    for (key, row) in &neck {
+        assert_eq!(row.step, 4, "{key}: tagged with the checkpoint's step");
+        assert!(
+            row.cluster.is_some_and(|c| c < 4),
+            "{key}: cluster label from the memory"
+        );
+        assert_eq!(row.embedding.len(), 32, "{key}: the neck's feat_dim");
+    }
+
+    // The same checkpoint publishing stage 2's map instead: ResNet-18, standard stem, 32 px
+    // → 128 channels × 4 × 4, normalised, and each record keeps the neck's cluster.
+    let out2 = dir.path().join("inference-stage2");
+    let cfg3 = dir.path().join("embed-stage2.toml");
+    std::fs::write(
+        &cfg3,
+        std::fs::read_to_string(&cfg2)
+            .expect("read config")
+            .replace(&out.display().to_string(), &out2.display().to_string()),
+    )
+    .expect("write config");
+    let status = std::process::Command::new(odcd_bin())
+        .args(["embed", "--once", "--feature", "stage2", "--checkpoint"])
+        .arg(&ck)
+        .arg("--config")
+        .arg(&cfg3)
+        .status()
+        .expect("run odcd embed --feature stage2");
+    assert!(status.success());
+    let stage2 = read_embeddings(&out2);
+    assert_eq!(stage2.len(), 200, "one row per fixture record");
+    for (key, row) in &stage2 {
+        assert_eq!(row.embedding.len(), 128 * 4 * 4, "{key}: stage 2's map");
+        let norm = row.embedding.iter().map(|v| v * v).sum::<f32>().sqrt();
+        assert!((norm - 1.0).abs() < 1e-4, "{key}: norm {norm}");
+        assert_eq!(row.cluster, neck[key].cluster, "{key}: cluster of the neck");
+    }
+}
+
+struct EmbeddingRow {
+    step: u64,
+    cluster: Option<u32>,
+    embedding: Vec<f32>,
+}
+
+/// Every row of the Parquet embedding files in `dir`, by key.
+fn read_embeddings(dir: &std::path::Path) -> std::collections::HashMap<String, EmbeddingRow> {
+    use arrow_array::{FixedSizeListArray, Float32Array};
+    let mut rows = std::collections::HashMap::new();
+    for e in std::fs::read_dir(dir).expect("embeddings dir") {
         let f = std::fs::File::open(e.expect("entry").path()).expect("open");
         let reader = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(f)
             .expect("reader")
@@ -62,29 +111,39 @@ fn embed_with_a_checkpoint_writes_one_row_per_record() {
                     .unwrap_or_else(|| panic!("column {name}"))
                     .clone()
             };
-            let k = col("key");
+            let (k, step, cl, emb) = (col("key"), col("step"), col("cluster"), col("embedding"));
             let k = k.as_any().downcast_ref::<StringArray>().expect("key utf8");
-            let step = col("step");
             let step = step
                 .as_any()
                 .downcast_ref::<UInt64Array>()
                 .expect("step u64");
-            let cl = col("cluster");
             let cl = cl
                 .as_any()
                 .downcast_ref::<UInt32Array>()
                 .expect("cluster u32");
+            let emb = emb
+                .as_any()
+                .downcast_ref::<FixedSizeListArray>()
+                .expect("embedding list");
             for i in 0..b.num_rows() {
-                assert_eq!(step.value(i), 4, "tagged with the checkpoint's step");
+                let v = emb.value(i);
+                let v = v
+                    .as_any()
+                    .downcast_ref::<Float32Array>()
+                    .expect("f32 values");
+                let row = EmbeddingRow {
+                    step: step.value(i),
+                    cluster: (!cl.is_null(i)).then(|| cl.value(i)),
+                    embedding: v.values().to_vec(),
+                };
                 assert!(
-                    !cl.is_null(i) && cl.value(i) < 4,
-                    "cluster label from the memory"
+                    rows.insert(k.value(i).to_string(), row).is_none(),
+                    "one row per key"
                 );
-                keys.insert(k.value(i).to_string());
             }
         }
     }
-    assert_eq!(keys.len(), 200, "one row per fixture record");
+    rows
 }
 
 /// A 2-step `odcd run` on the fixture with a checkpoint in `dir/ckpt`; returns that folder and

@@ -16,7 +16,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::checkpoint::CheckpointStore;
 use crate::config::Config;
-use crate::model::OdcModel;
+use crate::model::{FeatureKind, OdcModel};
 use crate::odc::StreamingMemory;
 use crate::sink::{EmbeddingBatch, EmbeddingSinks, SinkError};
 use crate::source::{DataMetrics, SourceConfig, SourceMode, SourceState};
@@ -36,6 +36,11 @@ pub struct EmbedArgs {
     /// Read the source once, whatever its configured mode.
     #[arg(long)]
     pub once: bool,
+    /// The feature published, L2-normalised: neck (the clustered D-dim feature), backbone
+    /// (pooled backbone output), spatial, stageN (stage N's map flattened, N = 1..4) or
+    /// stagesN (`odcd eval --feature`; docs/evaluation.md says which scored best).
+    #[arg(long, default_value = "neck")]
+    pub feature: FeatureKind,
 }
 
 impl EmbedArgs {
@@ -51,7 +56,14 @@ impl EmbedArgs {
         }
         crate::logging::init_logging(cfg.log.format);
         rt.block_on(async move {
-            let s = embed(cfg, &self.checkpoint, self.step, super::shutdown_signal()).await?;
+            let s = embed(
+                cfg,
+                &self.checkpoint,
+                self.step,
+                self.feature,
+                super::shutdown_signal(),
+            )
+            .await?;
             tracing::info!(
                 step = s.step,
                 rows = s.rows,
@@ -78,6 +90,7 @@ pub async fn embed(
     cfg: Config,
     checkpoint_url: &str,
     step: Option<u64>,
+    feature: FeatureKind,
     cancel: CancellationToken,
 ) -> Result<EmbedSummary, TopologyError> {
     let t0 = Instant::now();
@@ -154,7 +167,7 @@ pub async fn embed(
     }
     let sink_metrics = sink.metrics();
     let version = format!("step-{:012}", ckpt.step);
-    let d = cfg.model.feat_dim;
+    let feat_dim = cfg.model.feat_dim;
     let mut rows = 0u64;
     loop {
         let batch = tokio::select! {
@@ -165,26 +178,34 @@ pub async fn embed(
         // Tensor math off the async workers.
         let model_ref = &model;
         let memory_ref = memory.as_ref();
-        let (emb, clusters) = tokio::task::block_in_place(|| -> Result<_, TopologyError> {
-            let f = model_ref
-                .features_eval(&batch.images.to_device(&device).map_err(TrainError::from)?)
-                .map_err(TrainError::from)?;
-            let mut v = f
-                .flatten_all()
-                .and_then(|t| t.to_vec1::<f32>())
-                .map_err(TrainError::from)?;
-            crate::odc::normalise_rows(&mut v, d);
+        let (emb, d, clusters) = tokio::task::block_in_place(|| -> Result<_, TopologyError> {
+            let x = batch.images.to_device(&device).map_err(TrainError::from)?;
+            let rows_of = |f: candle_core::Tensor| -> Result<(Vec<f32>, usize), TopologyError> {
+                let d = f.dim(1).map_err(TrainError::from)?;
+                let mut v = f
+                    .flatten_all()
+                    .and_then(|t| t.to_vec1::<f32>())
+                    .map_err(TrainError::from)?;
+                crate::odc::normalise_rows(&mut v, d);
+                Ok((v, d))
+            };
+            let (neck, _) = rows_of(model_ref.features_eval(&x).map_err(TrainError::from)?)?;
             let clusters: Vec<Option<u32>> = match memory_ref {
                 Some(m) => m
                     .memory()
-                    .nearest_centroid(&v)
+                    .nearest_centroid(&neck)
                     .map_err(TrainError::from)?
                     .into_iter()
                     .map(Some)
                     .collect(),
                 None => vec![None; batch.keys.len()],
             };
-            Ok((v, clusters))
+            // the cluster always comes from the neck feature, the one the memory clusters
+            let (emb, d) = match feature {
+                FeatureKind::Neck => (neck, feat_dim),
+                other => rows_of(model_ref.features(&x, other).map_err(TrainError::from)?)?,
+            };
+            Ok((emb, d, clusters))
         })?;
         rows += batch.keys.len() as u64;
         let out = EmbeddingBatch {

@@ -37,8 +37,9 @@ pub struct EvalArgs {
     /// Linear probe learning rate (SGD, momentum 0.9, cosine decay, standardised features).
     #[arg(long, default_value_t = 0.1)]
     pub probe_lr: f32,
-    /// Feature evaluated: backbone (pooled backbone output), neck (the clustered feature) or
-    /// spatial (the backbone map flattened, not pooled).
+    /// Feature evaluated: backbone (pooled backbone output), neck (the clustered feature),
+    /// spatial (the backbone map flattened, not pooled), stageN (stage N's map flattened,
+    /// N = 1..4) or stagesN (stages N..4 flattened, each L2-normalised, side by side).
     #[arg(long, default_value = "backbone")]
     pub feature: FeatureKind,
     /// Use at most this many train / test images (the first in shard order).

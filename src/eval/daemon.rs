@@ -59,8 +59,8 @@ pub struct KnnEvalConfig {
     pub max_train: usize,
     #[serde(default = "default_max_test")]
     pub max_test: usize,
-    /// `backbone` (pooled backbone output), `neck` (the clustered feature) or `spatial` (the
-    /// backbone map flattened).
+    /// `backbone` (pooled backbone output), `neck` (the clustered feature), `spatial` (the
+    /// backbone map flattened), `stageN` or `stagesN` (`odcd eval --feature`).
     #[serde(default)]
     pub feature: FeatureKind,
 }

@@ -8,6 +8,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::EvalError;
 use crate::decode::{BatchStream, PipelineConfig};
+pub use crate::model::FeatureKind;
 use crate::model::OdcModel;
 use crate::source::{
     DataMetrics, ObjectStoreSource, ObjectStoreSourceConfig, RejectReason, SourceMode, SourceState,
@@ -39,43 +40,6 @@ impl LabelledSet {
     /// Values per image.
     pub fn per_image(&self) -> usize {
         self.channels * self.size * self.size
-    }
-}
-
-/// Which feature of the network is evaluated.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum FeatureKind {
-    /// Global-average-pooled backbone output (512-d for ResNet-18): the usual protocol.
-    #[default]
-    Backbone,
-    /// The neck's D-dim feature, the one the ODC memory clusters.
-    Neck,
-    /// The backbone's last map flattened (C × h × w) instead of averaged: the same as
-    /// `backbone` where the map is 1×1 (the standard stem), and keeps the layout where it is
-    /// not (a small stem at 28 px ends in 2×2).
-    Spatial,
-}
-
-impl std::str::FromStr for FeatureKind {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        match s {
-            "backbone" => Ok(FeatureKind::Backbone),
-            "neck" => Ok(FeatureKind::Neck),
-            "spatial" => Ok(FeatureKind::Spatial),
-            other => Err(format!("`{other}`: use backbone, neck or spatial")),
-        }
-    }
-}
-
-impl std::fmt::Display for FeatureKind {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            FeatureKind::Backbone => "backbone",
-            FeatureKind::Neck => "neck",
-            FeatureKind::Spatial => "spatial",
-        })
     }
 }
 
@@ -205,12 +169,7 @@ pub fn extract_features(
             return Err(EvalError::Cancelled);
         }
         let x = x?;
-        let f = match kind {
-            FeatureKind::Backbone => model.backbone_features(&x, false),
-            FeatureKind::Neck => model.features_eval(&x),
-            FeatureKind::Spatial => model.backbone_map_features(&x),
-        }
-        .map_err(EvalError::model)?;
+        let f = model.features(&x, kind).map_err(EvalError::model)?;
         d = f.dim(1).map_err(EvalError::model)?;
         out.extend(
             f.flatten_all()

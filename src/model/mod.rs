@@ -13,6 +13,7 @@
 //! [`MaxPool2d::forward_generic`]). Off the CPU only the generic path runs; on CPU
 //! `train.kernels = "generic"` selects it ([`OdcModel::set_kernels`]).
 
+mod feature;
 pub mod layers;
 pub mod ops;
 pub mod params;
@@ -26,6 +27,7 @@ use serde::{Deserialize, Serialize};
 use crate::device::Kernels;
 use crate::validate::FieldError;
 
+pub use feature::FeatureKind;
 pub use ops::cpu::keep_candle_pool_off_rayon_cores;
 pub use ops::MaxPool2d;
 pub use params::ParamStore;
@@ -285,6 +287,28 @@ impl OdcModel {
     /// Eval-mode backbone map flattened to (N, C × h × w): the spatial layout kept.
     pub fn backbone_map_features(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         self.backbone.forward(x, false)?.flatten_from(1)
+    }
+
+    /// Eval-mode output map of every backbone stage, stage 1 first.
+    pub fn backbone_stage_maps(&self, x: &Tensor) -> candle_core::Result<Vec<Tensor>> {
+        self.backbone.forward_stages(x, false)
+    }
+
+    /// Eval-mode output maps of backbone stages `first..=4` (1-based), each flattened to
+    /// (N, C × h × w) and L2-normalised per row, side by side: every stage weighs the same in a
+    /// cosine whatever its size.
+    pub fn stage_map_features(&self, x: &Tensor, first: usize) -> candle_core::Result<Tensor> {
+        let maps = self.backbone.forward_stages(x, false)?;
+        let first = first.clamp(1, maps.len());
+        let parts = maps[first - 1..]
+            .iter()
+            .map(|m| {
+                let f = m.flatten_from(1)?;
+                let norm = f.sqr()?.sum_keepdim(1)?.sqrt()?.clamp(1e-12, f32::MAX)?;
+                f.broadcast_div(&norm)
+            })
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        Tensor::cat(&parts, 1)
     }
 
     fn neck(&self, pooled: &Tensor, train: bool, dropout_seed: u64) -> candle_core::Result<Tensor> {

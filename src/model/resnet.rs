@@ -174,6 +174,8 @@ pub struct ResNet {
     bn1: BatchNorm,
     maxpool: Option<MaxPool2d>,
     blocks: Vec<Block>,
+    /// Number of blocks in each of the four stages.
+    depths: [usize; 4],
     arch: Arch,
     out_channels: usize,
     kernels: KernelChoice,
@@ -230,6 +232,7 @@ impl ResNet {
             bn1,
             maxpool,
             blocks,
+            depths,
             arch,
             out_channels: arch.out_channels(w),
             kernels: ps.kernel_choice().clone(),
@@ -247,6 +250,30 @@ impl ResNet {
 
     /// (N, C, H, W) → stage-4 map (N, C4, h, w).
     pub fn forward(&self, x: &Tensor, train: bool) -> candle_core::Result<Tensor> {
+        let (mut y, cpu) = self.stem(x, train)?;
+        for b in &self.blocks {
+            y = b.forward(&y, train, cpu)?;
+        }
+        Ok(y)
+    }
+
+    /// (N, C, H, W) → the output map of every stage, stage 1 first (the last is
+    /// [`Self::forward`]'s): for evaluating earlier, less invariant features.
+    pub fn forward_stages(&self, x: &Tensor, train: bool) -> candle_core::Result<Vec<Tensor>> {
+        let (mut y, cpu) = self.stem(x, train)?;
+        let mut maps = Vec::with_capacity(self.depths.len());
+        let mut blocks = self.blocks.iter();
+        for &depth in &self.depths {
+            for b in blocks.by_ref().take(depth) {
+                y = b.forward(&y, train, cpu)?;
+            }
+            maps.push(y.clone());
+        }
+        Ok(maps)
+    }
+
+    /// conv1 + BN + ReLU (+ max-pool), and whether odcd's CPU kernels run the blocks.
+    fn stem(&self, x: &Tensor, train: bool) -> candle_core::Result<(Tensor, bool)> {
         let mut y = self.bn1.forward_act(&self.conv1.forward(x)?, train, true)?;
         let cpu = self.kernels.cpu_kernels_for(&y);
         if let Some(mp) = &self.maxpool {
@@ -256,9 +283,6 @@ impl ResNet {
                 mp.forward_generic(&y)?
             };
         }
-        for b in &self.blocks {
-            y = b.forward(&y, train, cpu)?;
-        }
-        Ok(y)
+        Ok((y, cpu))
     }
 }
