@@ -63,6 +63,10 @@ pub struct KnnEvalConfig {
     /// backbone map flattened), `stageN` or `stagesN` (`odcd eval --feature`).
     #[serde(default)]
     pub feature: FeatureKind,
+    /// Subtract the train features' mean before the cosine, for every row (`odcd eval
+    /// --center`).
+    #[serde(default)]
+    pub center: bool,
 }
 
 impl KnnEvalConfig {
@@ -233,11 +237,15 @@ fn knn_summary(knn: &[KnnResult]) -> String {
 }
 
 impl Worker {
-    /// Weighted k-NN of test features against train features (rows L2-normalised here).
+    /// Weighted k-NN of test features against train features (centred if `[eval] center`,
+    /// rows L2-normalised here).
     fn knn(&self, mut ftr: Vec<f32>, mut fte: Vec<f32>, d: usize) -> Vec<KnnResult> {
         let Some((train, test)) = &self.sets else {
             return Vec::new();
         };
+        if self.ecfg.center {
+            super::center_on_train_mean(&mut ftr, &mut fte, d);
+        }
         crate::odc::normalise_rows(&mut ftr, d);
         crate::odc::normalise_rows(&mut fte, d);
         let (ytr, yte, classes) = data::dense_labels(&train.labels, &test.labels);
@@ -502,6 +510,24 @@ test_url = "data/b/"
 "#,
         )
         .unwrap()
+    }
+
+    #[test]
+    fn the_config_takes_a_stage_feature_and_centring() {
+        let c: KnnEvalConfig = toml::from_str(
+            "train_url = \"a/\"\ntest_url = \"b/\"\nfeature = \"stage2\"\ncenter = true\n",
+        )
+        .unwrap();
+        assert_eq!((c.feature, c.center), (FeatureKind::Stage(2), true));
+        assert_eq!(
+            (cfg().feature, cfg().center),
+            (FeatureKind::Backbone, false)
+        );
+        let e = toml::from_str::<KnnEvalConfig>(
+            "train_url = \"a/\"\ntest_url = \"b/\"\nfeature = \"stage9\"\n",
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("stage must be 1, 2, 3 or 4"), "{e}");
     }
 
     #[test]

@@ -218,7 +218,7 @@ pub fn score(
 }
 
 /// Subtracts the column means of `train` (rows of `d`) from both sets.
-fn center_on_train_mean(train: &mut [f32], test: &mut [f32], d: usize) {
+pub(crate) fn center_on_train_mean(train: &mut [f32], test: &mut [f32], d: usize) {
     let rows = train.len() / d.max(1);
     if rows == 0 {
         return;
