@@ -190,10 +190,21 @@ impl ObjectStoreSource {
                     SourceMode::Loop { passes } => passes,
                     _ => Some(1),
                 };
+                let mut warned_empty = false;
                 while passes.is_none_or(|n| state.pass < n) {
                     let Some(shards) = self.list_retrying(&cancel).await else {
                         return;
                     };
+                    // A wrong `source.url` lists nothing: say so once, not silently wait.
+                    if shards.is_empty() && !warned_empty {
+                        tracing::warn!(
+                            url = %self.cfg.url,
+                            "no shards (*.tar, *.tar.gz) under source.url: nothing to train on; \
+                             listing it again every {poll:?} (check the path, or make shards with \
+                             `odcd shards import-idx`)"
+                        );
+                    }
+                    warned_empty = shards.is_empty();
                     let mut lag = Lag::new(
                         self.metrics.as_ref(),
                         shards.iter().filter(|(s, _)| state.skip_for(s).is_some()),
