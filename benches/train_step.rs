@@ -18,7 +18,7 @@
 use candle_core::Device;
 use odcd::cmd::bench::{train_step, TrainStepBench};
 use odcd::device::Kernels;
-use odcd::model::Arch;
+use odcd::model::{Arch, ModelConfig};
 
 fn env_usize(k: &str, d: usize) -> usize {
     std::env::var(k)
@@ -35,7 +35,11 @@ fn main() -> anyhow::Result<()> {
         _ => Arch::Resnet18,
     };
     let bench = TrainStepBench {
-        arch,
+        model: ModelConfig {
+            arch,
+            in_channels: 3,
+            ..ModelConfig::default()
+        },
         size: env_usize("SIZE", 32),
         batch: env_usize("BATCH", 64),
         steps: env_usize("STEPS", 5),

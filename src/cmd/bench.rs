@@ -31,8 +31,9 @@ pub enum BenchError {
 /// What to measure: the model and input shape of one training step.
 #[derive(Debug, Clone)]
 pub struct TrainStepBench {
-    pub arch: Arch,
-    /// Input side in pixels (3 × size × size images).
+    /// The network (arch, input channels, stem, width, neck) as `[model]` builds it.
+    pub model: ModelConfig,
+    /// Input side in pixels (in_channels × size × size images).
     pub size: usize,
     pub batch: usize,
     /// Measured steps (one warm-up step runs before them).
@@ -70,8 +71,10 @@ impl fmt::Display for TrainStepResult {
         let b = &self.bench;
         write!(
             f,
-            "odcd(candle) {:?} 3x{}x{} batch {} on {} kernels {}: step {:.1} ms (forward {:.1} ms, backward {:.1} ms, fastest step {:.1} ms), {:.1} images/s, threads {}",
-            b.arch,
+            "odcd(candle) {:?}{} {}x{}x{} batch {} on {} kernels {}: step {:.1} ms (forward {:.1} ms, backward {:.1} ms, fastest step {:.1} ms), {:.1} images/s, threads {}",
+            b.model.arch,
+            stem_label(&b.model),
+            b.model.in_channels,
             b.size,
             b.size,
             b.batch,
@@ -88,6 +91,22 @@ impl fmt::Display for TrainStepResult {
 }
 
 /// Resident set size of this process (Linux `/proc/self/status`), NaN where unavailable.
+/// "" for the standard stem at width 64, else e.g. " (3x3/s2 stem, width 32)".
+fn stem_label(m: &ModelConfig) -> String {
+    let mut parts = Vec::new();
+    if m.small_stem {
+        parts.push(format!("3x3/s{} stem", m.small_stem_stride));
+    }
+    if m.width != ModelConfig::default().width {
+        parts.push(format!("width {}", m.width));
+    }
+    if parts.is_empty() {
+        String::new()
+    } else {
+        format!(" ({})", parts.join(", "))
+    }
+}
+
 pub fn rss_mib() -> f64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()
@@ -120,19 +139,14 @@ pub fn train_step(bench: &TrainStepBench, dev: &Device) -> Result<TrainStepResul
         device: device.clone(),
         source,
     };
-    let cfg = ModelConfig {
-        arch: bench.arch,
-        in_channels: 3,
-        small_stem: false,
-        ..ModelConfig::default()
-    };
+    let cfg = &bench.model;
     let k = bench.k;
-    let model = OdcModel::new(&cfg, k, dev, 0)?;
+    let model = OdcModel::new(cfg, k, dev, 0)?;
     model.set_kernels(bench.kernels);
     let mut opt = Sgd::new(SgdConfig::default(), model.params().params())?;
     opt.set_kernels(bench.kernels);
-    let x = Tensor::randn(0f32, 1f32, (bench.batch, 3, bench.size, bench.size), dev)
-        .map_err(step_err)?;
+    let shape = (bench.batch, cfg.in_channels, bench.size, bench.size);
+    let x = Tensor::randn(0f32, 1f32, shape, dev).map_err(step_err)?;
     let y: Vec<u32> = (0..bench.batch as u32).map(|i| i % k as u32).collect();
     let y = Tensor::from_vec(y, bench.batch, dev).map_err(step_err)?;
     let w = Tensor::ones(k, DType::F32, dev).map_err(step_err)?;
@@ -202,6 +216,14 @@ pub enum BenchCmd {
 
 #[derive(Debug, clap::Args)]
 pub struct TrainStepArgs {
+    /// Take the network, input size, channels, batch and K from this daemon config (and its
+    /// `--set` overrides): the step `odcd run --config FILE` trains, without input, memory or
+    /// outputs. --arch, --size, --batch and --k are then ignored.
+    #[arg(long)]
+    pub config: Option<std::path::PathBuf>,
+    /// Overrides of --config's values, as `odcd run --set`.
+    #[arg(long = "set", value_parser = super::parse_kv, requires = "config")]
+    pub overrides: Vec<(String, String)>,
     /// resnet18 or resnet50.
     #[arg(long, default_value = "resnet18", value_parser = parse_arch)]
     pub arch: Arch,
@@ -229,8 +251,12 @@ impl BenchCmd {
         match self {
             BenchCmd::TrainStep(a) => {
                 let dev = crate::device::select_device(&a.device)?;
-                let bench = TrainStepBench {
-                    arch: a.arch,
+                let mut bench = TrainStepBench {
+                    model: ModelConfig {
+                        arch: a.arch,
+                        in_channels: 3,
+                        ..ModelConfig::default()
+                    },
                     size: a.size,
                     batch: a.batch,
                     steps: a.steps,
@@ -238,6 +264,13 @@ impl BenchCmd {
                     rss_every: 0,
                     kernels: a.kernels,
                 };
+                if let Some(path) = &a.config {
+                    let cfg = crate::config::Config::load_with_overrides(path, &a.overrides)?;
+                    bench.model = cfg.model.clone();
+                    bench.size = cfg.pipeline.transform.size() as usize;
+                    bench.batch = cfg.pipeline.batch_size;
+                    bench.k = cfg.odc.num_clusters;
+                }
                 let mut r = train_step(&bench, &dev)?;
                 r.device = a.device;
                 println!("{r}");
@@ -255,7 +288,10 @@ mod tests {
     #[test]
     fn one_resnet18_step_on_the_cpu_reports_its_times() -> Result<(), BenchError> {
         let bench = TrainStepBench {
-            arch: Arch::Resnet18,
+            model: ModelConfig {
+                in_channels: 3,
+                ..ModelConfig::default()
+            },
             size: 32,
             batch: 4,
             steps: 1,
@@ -267,6 +303,14 @@ mod tests {
         assert!(r.step_ms > 0.0 && r.step_ms >= r.forward_ms);
         let line = r.to_string();
         assert!(line.starts_with("odcd(candle) Resnet18 3x32x32 batch 4 on cpu kernels cpu: step "));
+        let small = ModelConfig {
+            small_stem: true,
+            small_stem_stride: 2,
+            width: 32,
+            in_channels: 1,
+            ..ModelConfig::default()
+        };
+        assert_eq!(stem_label(&small), " (3x3/s2 stem, width 32)");
         assert!(line.contains(" images/s"));
         Ok(())
     }
@@ -274,7 +318,10 @@ mod tests {
     #[test]
     fn zero_steps_is_refused() {
         let bench = TrainStepBench {
-            arch: Arch::Resnet18,
+            model: ModelConfig {
+                in_channels: 3,
+                ..ModelConfig::default()
+            },
             size: 32,
             batch: 4,
             steps: 0,

@@ -30,7 +30,9 @@ use crate::odc::MemoryStats;
 use crate::record::Batch;
 use crate::sink::EmbeddingBatch;
 use crate::source::{KafkaHandle, SourceState};
-use crate::train::{OdcConfig, StepOutput, TrainConfig, TrainError, TrainMetrics, Trainer};
+use crate::train::{
+    LoopPhase, LoopTimes, OdcConfig, StepOutput, TrainConfig, TrainError, TrainMetrics, Trainer,
+};
 
 /// What a finished run did.
 #[derive(Debug, Clone, Default)]
@@ -168,13 +170,15 @@ impl TrainLoop {
             };
             metrics.batch_queue_depth.set(self.batches.queued() as i64);
             let waited = t_wait.elapsed().as_secs_f64();
-            window.waited(waited);
             metrics.input_wait_seconds.inc_by(waited);
+            let mut times = LoopTimes::default();
+            times.add(LoopPhase::InputWait, waited);
 
             let t_step = Instant::now();
             let out = self.trainer.step(&batch.images, &batch.keys)?;
+            times.add_step(&out.timings, t_step.elapsed().as_secs_f64());
             trained_state = state;
-            window.trained(t_step.elapsed().as_secs_f64(), batch.keys.len());
+            window.trained(batch.keys.len());
             let s = &mut p.summary;
             s.steps = out.step + 1;
             s.first_loss.get_or_insert(out.loss);
@@ -185,9 +189,11 @@ impl TrainLoop {
             s.max_empty_clusters_after_step =
                 s.max_empty_clusters_after_step.max(stats.empty_clusters);
 
+            let t_publish = Instant::now();
             if !self.publish_embeddings(&out, &batch) {
                 p.unqueued_step.get_or_insert(out.step + 1);
             }
+            times.add(LoopPhase::Publish, t_publish.elapsed().as_secs_f64());
             if let Some(ev) = &self.stages.eval {
                 let trainer = &self.trainer;
                 ev.after_step(trainer.step_count(), || trainer.model().to_safetensors());
@@ -200,6 +206,11 @@ impl TrainLoop {
                 self.checkpoint(&trained_state, p.unqueued_step, &mut p.summary);
                 schedule.written(self.trainer.step_count());
             }
+            // The rest of the pass (metrics, evaluation hand-off, log line, checkpoint)
+            let tracked = times.total();
+            times.add(LoopPhase::Other, t_wait.elapsed().as_secs_f64() - tracked);
+            metrics.observe_loop(&times);
+            window.add(&times);
         }
         self.stages.health.set_training(false);
         // Final checkpoint at shutdown (unless nothing was trained since the last one), through
@@ -429,6 +440,7 @@ impl TrainLoop {
             memory_fill = stats.fill,
             images_per_s = format!("{images_per_s:.1}"),
             input_wait = format!("{:.1}%", 100.0 * window.input_wait_share()),
+            time = window.times.shares(),
             "step"
         );
         *window = ProgressWindow::new();
@@ -616,40 +628,41 @@ impl CheckpointSchedule {
     }
 }
 
-/// Throughput and input wait since the last progress line.
+/// Throughput, input wait and where the time went since the last progress line.
 struct ProgressWindow {
     start: Instant,
-    wait_s: f64,
-    busy_s: f64,
     images: usize,
+    /// Phases of the loop passes finished in this window (the pass that logs is counted
+    /// in the next window).
+    times: LoopTimes,
 }
 
 impl ProgressWindow {
     fn new() -> Self {
         ProgressWindow {
             start: Instant::now(),
-            wait_s: 0.0,
-            busy_s: 0.0,
             images: 0,
+            times: LoopTimes::default(),
         }
     }
 
-    fn waited(&mut self, secs: f64) {
-        self.wait_s += secs;
+    fn trained(&mut self, images: usize) {
+        self.images += images;
     }
 
-    fn trained(&mut self, secs: f64, images: usize) {
-        self.busy_s += secs;
-        self.images += images;
+    fn add(&mut self, times: &LoopTimes) {
+        for p in LoopPhase::ALL {
+            self.times.add(p, times.get(p));
+        }
     }
 
     fn images_per_second(&self) -> f64 {
         self.images as f64 / self.start.elapsed().as_secs_f64().max(1e-9)
     }
 
-    /// Share of the window's time spent waiting for input (0..1).
+    /// Share of the window's loop time spent waiting for input (0..1).
     fn input_wait_share(&self) -> f64 {
-        self.wait_s / (self.wait_s + self.busy_s).max(1e-9)
+        self.times.get(LoopPhase::InputWait) / self.times.total().max(1e-9)
     }
 }
 
@@ -683,9 +696,25 @@ mod tests {
     #[test]
     fn the_progress_window_measures_input_wait_share() {
         let mut w = ProgressWindow::new();
-        w.waited(1.0);
-        w.trained(3.0, 64);
+        let mut t = LoopTimes::default();
+        t.add(LoopPhase::InputWait, 1.0);
+        t.add_step(
+            &crate::train::StepTimings {
+                forward: 1.0,
+                backward: 1.5,
+                optimizer: 0.25,
+                memory: 0.0,
+            },
+            3.0,
+        );
+        w.add(&t);
+        w.trained(64);
         assert!((w.input_wait_share() - 0.25).abs() < 1e-12);
         assert!(ProgressWindow::new().input_wait_share() == 0.0);
+        assert_eq!(
+            w.times.shares(),
+            "forward 25.0% backward 37.5% optimizer 6.2% memory 0.0% step_other 6.2% \
+             input_wait 25.0% publish 0.0% other 0.0%"
+        );
     }
 }

@@ -1,7 +1,9 @@
 //! Gauges and counters of the trainer and the ODC memory (`odcd_train_*`, `odcd_memory_*`,
 //! `odcd_checkpoint*`), registered on the run's registry and served by `crate::metrics`.
 
-use prometheus::{Gauge, Histogram, HistogramOpts, IntCounter, IntGauge, Registry};
+use prometheus::{
+    CounterVec, Gauge, Histogram, HistogramOpts, IntCounter, IntGauge, Opts, Registry,
+};
 
 use super::StepOutput;
 use crate::odc::MemoryStats;
@@ -16,6 +18,8 @@ pub struct TrainMetrics {
     pub backward_seconds: Gauge,
     pub memory_seconds: Gauge,
     pub input_wait_seconds: IntCounterF,
+    /// Wall time of the training loop by phase ([`LoopPhase`]): where the images/s go.
+    pub phase_seconds: CounterVec,
     pub images_per_second: Gauge,
     pub loss: Gauge,
     pub accuracy: Gauge,
@@ -35,6 +39,85 @@ pub struct TrainMetrics {
     pub last_checkpoint_timestamp: Gauge,
     pub checkpoint_failures: IntCounter,
     pub checkpoints: IntCounter,
+}
+
+/// A phase of one pass of the training loop, as `odcd_train_loop_seconds_total{phase}` and the
+/// progress line's `time` field name it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LoopPhase {
+    Forward,
+    Backward,
+    Optimizer,
+    Memory,
+    StepOther,
+    InputWait,
+    Publish,
+    Other,
+}
+
+impl LoopPhase {
+    pub const ALL: [LoopPhase; 8] = [
+        LoopPhase::Forward,
+        LoopPhase::Backward,
+        LoopPhase::Optimizer,
+        LoopPhase::Memory,
+        LoopPhase::StepOther,
+        LoopPhase::InputWait,
+        LoopPhase::Publish,
+        LoopPhase::Other,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            LoopPhase::Forward => "forward",
+            LoopPhase::Backward => "backward",
+            LoopPhase::Optimizer => "optimizer",
+            LoopPhase::Memory => "memory",
+            LoopPhase::StepOther => "step_other",
+            LoopPhase::InputWait => "input_wait",
+            LoopPhase::Publish => "publish",
+            LoopPhase::Other => "other",
+        }
+    }
+}
+
+/// Seconds per [`LoopPhase`] over some passes of the training loop.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct LoopTimes([f64; 8]);
+
+impl LoopTimes {
+    pub fn add(&mut self, phase: LoopPhase, secs: f64) {
+        self.0[phase as usize] += secs.max(0.0);
+    }
+
+    pub fn get(&self, phase: LoopPhase) -> f64 {
+        self.0[phase as usize]
+    }
+
+    pub fn total(&self) -> f64 {
+        self.0.iter().sum()
+    }
+
+    /// One step's trainer timings: forward, backward, optimizer, memory, and the rest of
+    /// the `step_secs` it took as step_other.
+    pub fn add_step(&mut self, t: &super::StepTimings, step_secs: f64) {
+        self.add(LoopPhase::Forward, t.forward);
+        self.add(LoopPhase::Backward, t.backward);
+        self.add(LoopPhase::Optimizer, t.optimizer);
+        self.add(LoopPhase::Memory, t.memory);
+        let known = t.forward + t.backward + t.optimizer + t.memory;
+        self.add(LoopPhase::StepOther, step_secs - known);
+    }
+
+    /// `forward 41% backward 45% ...`: each phase's share of the total.
+    pub fn shares(&self) -> String {
+        let total = self.total().max(1e-9);
+        LoopPhase::ALL
+            .iter()
+            .map(|&p| format!("{} {:.1}%", p.name(), 100.0 * self.get(p) / total))
+            .collect::<Vec<_>>()
+            .join(" ")
+    }
 }
 
 /// A float counter (seconds spent waiting): prometheus' `Counter` with f64.
@@ -79,6 +162,19 @@ impl TrainMetrics {
                 prometheus::Counter::new(
                     "odcd_train_input_wait_seconds_total",
                     "Time the trainer waited for input batches",
+                )?,
+            )?,
+            phase_seconds: reg(
+                r,
+                CounterVec::new(
+                    Opts::new(
+                        "odcd_train_loop_seconds_total",
+                        "Wall time of the training loop by phase: forward, backward, optimizer, \
+                         memory, step_other (loss, labels, collectives), input_wait, publish \
+                         (embeddings to the sinks' queue), other (metrics, logs, evaluation \
+                         hand-off, checkpoints)",
+                    ),
+                    &["phase"],
                 )?,
             )?,
             images_per_second: g(
@@ -131,6 +227,15 @@ impl TrainMetrics {
             )?,
             checkpoints: ic("odcd_checkpoints_total", "Checkpoints written")?,
         })
+    }
+
+    /// Adds one pass's phase times to `odcd_train_loop_seconds_total`.
+    pub fn observe_loop(&self, t: &LoopTimes) {
+        for p in LoopPhase::ALL {
+            self.phase_seconds
+                .with_label_values(&[p.name()])
+                .inc_by(t.get(p));
+        }
     }
 
     pub fn observe_step(&self, out: &StepOutput, splits: usize, batch: usize) {

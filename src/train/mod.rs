@@ -10,5 +10,5 @@ mod metrics;
 mod trainer;
 
 pub use self::config::{EvictionSpec, MinClusterSpec, OdcConfig, TrainConfig};
-pub use self::metrics::TrainMetrics;
+pub use self::metrics::{LoopPhase, LoopTimes, TrainMetrics};
 pub use self::trainer::{InitReport, StepOutput, StepTimings, TrainError, Trainer};
