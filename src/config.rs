@@ -260,13 +260,13 @@ mod tests {
             &path,
             &[
                 set("odc.num_clusters", "37"),
-                set("model.small_stem", "true"),
+                set("model.small_stem", "false"),
                 set("pipeline.transform.train.scale", "[0.5, 1.0]"),
                 set("source.url", "data/other/"),
             ],
         )?;
         assert_eq!(cfg.odc.num_clusters, 37);
-        assert!(cfg.model.small_stem);
+        assert!(!cfg.model.small_stem);
         assert!(
             matches!(&cfg.pipeline.transform, TransformConfig::Train(a) if a.scale == (0.5, 1.0))
         );
@@ -429,7 +429,8 @@ mod tests {
                 .is_some_and(|m| m.contains("pipeline.batch_size")),
             "{e:?}"
         );
-        let bad = QUICKSTART.replace("num_clusters = 100", "num_clusters = 100000");
+        let bad = QUICKSTART.replace("num_clusters = 30", "num_clusters = 100000");
+        assert_ne!(bad, QUICKSTART);
         let e = Config::from_toml(&bad, "x.toml")
             .err()
             .map(|e| e.to_string());
