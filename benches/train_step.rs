@@ -19,6 +19,7 @@ use candle_core::Device;
 use odcd::cmd::bench::{train_step, TrainStepBench};
 use odcd::device::Kernels;
 use odcd::model::{Arch, ModelConfig};
+use odcd::optim::SgdConfig;
 
 fn env_usize(k: &str, d: usize) -> usize {
     std::env::var(k)
@@ -40,6 +41,7 @@ fn main() -> anyhow::Result<()> {
             in_channels: 3,
             ..ModelConfig::default()
         },
+        optimizer: SgdConfig::default(),
         size: env_usize("SIZE", 32),
         batch: env_usize("BATCH", 64),
         steps: env_usize("STEPS", 5),

@@ -33,6 +33,8 @@ pub enum BenchError {
 pub struct TrainStepBench {
     /// The network (arch, input channels, stem, width, neck) as `[model]` builds it.
     pub model: ModelConfig,
+    /// SGD settings (`[optimizer]`).
+    pub optimizer: SgdConfig,
     /// Input side in pixels (in_channels × size × size images).
     pub size: usize,
     pub batch: usize,
@@ -107,6 +109,7 @@ fn stem_label(m: &ModelConfig) -> String {
     }
 }
 
+/// Resident set size of this process (Linux `/proc/self/status`), NaN where unavailable.
 pub fn rss_mib() -> f64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()
@@ -143,7 +146,7 @@ pub fn train_step(bench: &TrainStepBench, dev: &Device) -> Result<TrainStepResul
     let k = bench.k;
     let model = OdcModel::new(cfg, k, dev, 0)?;
     model.set_kernels(bench.kernels);
-    let mut opt = Sgd::new(SgdConfig::default(), model.params().params())?;
+    let mut opt = Sgd::new(bench.optimizer.clone(), model.params().params())?;
     opt.set_kernels(bench.kernels);
     let shape = (bench.batch, cfg.in_channels, bench.size, bench.size);
     let x = Tensor::randn(0f32, 1f32, shape, dev).map_err(step_err)?;
@@ -218,8 +221,9 @@ pub enum BenchCmd {
 pub struct TrainStepArgs {
     /// Take the network, input size, channels, batch and K from this daemon config (and its
     /// `--set` overrides): the step `odcd run --config FILE` trains, without input, memory or
-    /// outputs. --arch, --size, --batch and --k are then ignored.
-    #[arg(long)]
+    /// outputs; its optimizer, and its device and kernels unless --device / --kernels say
+    /// otherwise.
+    #[arg(long, conflicts_with_all = ["arch", "size", "batch", "k"])]
     pub config: Option<std::path::PathBuf>,
     /// Overrides of --config's values, as `odcd run --set`.
     #[arg(long = "set", value_parser = super::parse_kv, requires = "config")]
@@ -238,41 +242,61 @@ pub struct TrainStepArgs {
     /// Clusters (the head's outputs).
     #[arg(long, default_value_t = 10)]
     pub k: usize,
-    /// cpu, cuda:N or auto, as `train.device`.
-    #[arg(long, default_value = "cpu")]
-    pub device: String,
-    /// auto or generic, as `train.kernels` (generic runs on CPU what a GPU runs).
-    #[arg(long, default_value = "auto", value_parser = Kernels::parse)]
-    pub kernels: Kernels,
+    /// cpu, cuda:N or auto, as `train.device` (default: --config's, else cpu).
+    #[arg(long)]
+    pub device: Option<String>,
+    /// auto or generic, as `train.kernels` (generic runs on CPU what a GPU runs; default:
+    /// --config's, else auto).
+    #[arg(long, value_parser = Kernels::parse)]
+    pub kernels: Option<Kernels>,
 }
 
 impl BenchCmd {
     pub fn execute(self) -> anyhow::Result<()> {
         match self {
             BenchCmd::TrainStep(a) => {
-                let dev = crate::device::select_device(&a.device)?;
+                let cfg = match &a.config {
+                    Some(path) => Some(crate::config::Config::load_with_overrides(
+                        path,
+                        &a.overrides,
+                    )?),
+                    None => None,
+                };
+                let device = a
+                    .device
+                    .or_else(|| cfg.as_ref().map(|c| c.train.device.clone()))
+                    .unwrap_or_else(|| "cpu".into());
+                let kernels = match (a.kernels, &cfg) {
+                    (Some(k), _) => k,
+                    (None, Some(c)) => {
+                        Kernels::parse(&c.train.kernels).map_err(anyhow::Error::msg)?
+                    }
+                    (None, None) => Kernels::Auto,
+                };
+                let dev = crate::device::select_device(&device)?;
                 let mut bench = TrainStepBench {
                     model: ModelConfig {
                         arch: a.arch,
                         in_channels: 3,
                         ..ModelConfig::default()
                     },
+                    optimizer: SgdConfig::default(),
                     size: a.size,
                     batch: a.batch,
                     steps: a.steps,
                     k: a.k,
                     rss_every: 0,
-                    kernels: a.kernels,
+                    kernels,
                 };
-                if let Some(path) = &a.config {
-                    let cfg = crate::config::Config::load_with_overrides(path, &a.overrides)?;
+                if let Some(cfg) = &cfg {
                     bench.model = cfg.model.clone();
+                    bench.optimizer = cfg.optimizer.clone();
                     bench.size = cfg.pipeline.transform.size() as usize;
                     bench.batch = cfg.pipeline.batch_size;
                     bench.k = cfg.odc.num_clusters;
                 }
                 let mut r = train_step(&bench, &dev)?;
-                r.device = a.device;
+                r.device = device;
                 println!("{r}");
                 Ok(())
             }
@@ -292,6 +316,7 @@ mod tests {
                 in_channels: 3,
                 ..ModelConfig::default()
             },
+            optimizer: SgdConfig::default(),
             size: 32,
             batch: 4,
             steps: 1,
@@ -322,6 +347,7 @@ mod tests {
                 in_channels: 3,
                 ..ModelConfig::default()
             },
+            optimizer: SgdConfig::default(),
             size: 32,
             batch: 4,
             steps: 0,
