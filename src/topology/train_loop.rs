@@ -150,6 +150,8 @@ impl TrainLoop {
         let mut schedule =
             CheckpointSchedule::new(self.settings.checkpoint.as_ref(), self.trainer.step_count());
         let mut window = ProgressWindow::new();
+        // Seconds of the last pass's progress line and checkpoint, counted in the next pass.
+        let mut carried_other = 0.0;
         loop {
             // With several ranks the stop is agreed in `next_batch_agreed`, at the same step.
             if self.collective().size() == 1 && self.cancel.is_cancelled() {
@@ -198,6 +200,15 @@ impl TrainLoop {
                 let trainer = &self.trainer;
                 ev.after_step(trainer.step_count(), || trainer.model().to_safetensors());
             }
+            // The rest of the pass so far (metrics, evaluation hand-off), and the log line and
+            // checkpoint of the previous pass: counted before this pass's progress line.
+            times.add(
+                LoopPhase::Other,
+                t_wait.elapsed().as_secs_f64() - times.total() + carried_other,
+            );
+            metrics.observe_loop(&times);
+            window.add(&times);
+            let t_tail = Instant::now();
             if (out.step + 1) % self.settings.train.log_every == 0 {
                 self.log_progress(&out, &stats, &mut window);
             }
@@ -206,11 +217,7 @@ impl TrainLoop {
                 self.checkpoint(&trained_state, p.unqueued_step, &mut p.summary);
                 schedule.written(self.trainer.step_count());
             }
-            // The rest of the pass (metrics, evaluation hand-off, log line, checkpoint)
-            let tracked = times.total();
-            times.add(LoopPhase::Other, t_wait.elapsed().as_secs_f64() - tracked);
-            metrics.observe_loop(&times);
-            window.add(&times);
+            carried_other = t_tail.elapsed().as_secs_f64();
         }
         self.stages.health.set_training(false);
         // Final checkpoint at shutdown (unless nothing was trained since the last one), through
@@ -632,8 +639,8 @@ impl CheckpointSchedule {
 struct ProgressWindow {
     start: Instant,
     images: usize,
-    /// Phases of the loop passes finished in this window (the pass that logs is counted
-    /// in the next window).
+    /// Phases of the loop passes in this window (a pass's progress line and checkpoint are
+    /// counted with the next pass).
     times: LoopTimes,
 }
 

@@ -169,10 +169,11 @@ impl TrainMetrics {
                 CounterVec::new(
                     Opts::new(
                         "odcd_train_loop_seconds_total",
-                        "Wall time of the training loop by phase: forward, backward, optimizer, \
-                         memory, step_other (loss, labels, collectives), input_wait, publish \
-                         (embeddings to the sinks' queue), other (metrics, logs, evaluation \
-                         hand-off, checkpoints)",
+                        "Wall time of the training loop by phase: forward (with the loss), \
+                         backward, optimizer, memory (labels, update, centroids), step_other \
+                         (the rest of the trainer's step: the batch's copy to the device), \
+                         input_wait, publish (embeddings to the sinks' queue), other (metrics, \
+                         logs, evaluation hand-off, checkpoints)",
                     ),
                     &["phase"],
                 )?,
