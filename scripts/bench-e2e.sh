@@ -28,26 +28,36 @@ TMP=$(mktemp -d)
 trap 'rm -rf "$TMP"' EXIT
 mkdir -p "$OUT"
 bench() {
-  "$ODCD" bench train-step --config "$CONFIG" --steps 30 2>/dev/null |
-    sed -E 's/.* ([0-9.]+) images\/s.*/\1/'
+  local line
+  line=$("$ODCD" bench train-step --config "$CONFIG" --steps 30 2>"$OUT/e2e-bench.err") || {
+    echo "odcd bench train-step failed: see $OUT/e2e-bench.err" >&2
+    exit 1
+  }
+  sed -E 's/.* ([0-9.]+) images\/s.*/\1/' <<<"$line"
 }
 echo "config $CONFIG, $STEPS steps per run; load before: $(uptime | sed 's/.*load/load/')"
-printf '%-6s %-12s %-12s %-12s %s\n' round bench_img_s run_img_s bench_img_s "run: share of loop time (last window)"
+printf '%-6s %-13s %-10s %-13s %s\n' round bench_before run_img_s bench_after "run: share of loop time (last window)"
 for round in $(seq "$ROUNDS"); do
   before=$(bench)
   rm -rf "$TMP/run"
+  log="$OUT/e2e-run-$round.log"
   "$ODCD" run --config "$CONFIG" --set "source.url=$SHARDS" --set "train.max_steps=$STEPS" \
     --set "checkpoint.url=$TMP/run/ck/" --set "embeddings.url=$TMP/run/emb/" \
     --set "train.save_weights=$TMP/run/w.safetensors" --set metrics.listen=127.0.0.1:0 \
-    --set log.format=human 2>"$OUT/e2e-run-$round.log"
+    --set log.format=human 2>"$log" || {
+    echo "odcd run failed: see $log" >&2
+    exit 1
+  }
   after=$(bench)
-  # images/s of the run: trained images over the loop's wall time after the warm-up
-  steps=$(grep -c ' step=.*images_per_s=' "$OUT/e2e-run-$round.log" || true)
-  rate=$(grep ' step=.*images_per_s=' "$OUT/e2e-run-$round.log" | tail -n +2 |
-    sed -E 's/.*images_per_s="([0-9.]+)".*/\1/' |
-    awk '{s += $1; n++} END {if (n) printf "%.1f", s / n; else print "n/a"}')
-  share=$(grep ' step=.*time=' "$OUT/e2e-run-$round.log" | tail -n 1 | sed -E 's/.*time="([^"]*)".*/\1/')
-  printf '%-6s %-12s %-12s %-12s %s\n' "$round" "$before" "$rate" "$after" "$share"
-  [ "$steps" -gt 1 ] || { echo "the run logged no progress: see $OUT/e2e-run-$round.log" >&2; exit 1; }
+  lines=$(grep ' step=.*images_per_s=' "$log" || true)
+  [ "$(wc -l <<<"$lines")" -gt 1 ] || {
+    echo "the run logged fewer than 2 progress lines: see $log" >&2
+    exit 1
+  }
+  # the run's rate: the mean of its progress lines' rates, the first (warm-up) left out
+  rate=$(tail -n +2 <<<"$lines" | sed -E 's/.*images_per_s="([0-9.]+)".*/\1/' |
+    awk '{s += $1; n++} END {printf "%.1f", s / n}')
+  share=$(tail -n 1 <<<"$lines" | sed -E 's/.*time="([^"]*)".*/\1/')
+  printf '%-6s %-13s %-10s %-13s %s\n' "$round" "$before" "$rate" "$after" "$share"
 done
 echo "load after: $(uptime | sed 's/.*load/load/')"

@@ -195,13 +195,13 @@ impl ObjectStoreSource {
                     let Some(shards) = self.list_retrying(&cancel).await else {
                         return;
                     };
-                    // A wrong `source.url` lists nothing: say so once, not silently wait.
+                    // A wrong URL lists nothing: say so once per empty streak rather than
+                    // wait (or end) without a word.
                     if shards.is_empty() && !warned_empty {
                         tracing::warn!(
                             url = %self.cfg.url,
-                            "no shards (*.tar, *.tar.gz) under source.url: nothing to train on; \
-                             listing it again every {poll:?} (check the path, or make shards with \
-                             `odcd shards import-idx`)"
+                            "no shards (*.tar, *.tar.gz, *.tgz) under this URL: nothing to read \
+                             (check the path, or make shards with `odcd shards import-idx`)"
                         );
                     }
                     warned_empty = shards.is_empty();
