@@ -57,6 +57,7 @@ fn embed_with_a_checkpoint_writes_one_row_per_record() {
             "{key}: cluster label from the memory"
         );
         assert_eq!(row.embedding.len(), 32, "{key}: the neck's feat_dim");
+        assert_eq!(row.version, "step-000000000004");
     }
 
     // The same checkpoint publishing stage 2's map instead: ResNet-18, standard stem, 32 px
@@ -85,11 +86,16 @@ fn embed_with_a_checkpoint_writes_one_row_per_record() {
         let norm = row.embedding.iter().map(|v| v * v).sum::<f32>().sqrt();
         assert!((norm - 1.0).abs() < 1e-4, "{key}: norm {norm}");
         assert_eq!(row.cluster, neck[key].cluster, "{key}: cluster of the neck");
+        assert_eq!(
+            row.version, "step-000000000004-stage2",
+            "{key}: the feature tagged"
+        );
     }
 }
 
 struct EmbeddingRow {
     step: u64,
+    version: String,
     cluster: Option<u32>,
     embedding: Vec<f32>,
 }
@@ -112,6 +118,11 @@ fn read_embeddings(dir: &std::path::Path) -> std::collections::HashMap<String, E
                     .clone()
             };
             let (k, step, cl, emb) = (col("key"), col("step"), col("cluster"), col("embedding"));
+            let version = col("model_version");
+            let version = version
+                .as_any()
+                .downcast_ref::<StringArray>()
+                .expect("model_version utf8");
             let k = k.as_any().downcast_ref::<StringArray>().expect("key utf8");
             let step = step
                 .as_any()
@@ -133,6 +144,7 @@ fn read_embeddings(dir: &std::path::Path) -> std::collections::HashMap<String, E
                     .expect("f32 values");
                 let row = EmbeddingRow {
                     step: step.value(i),
+                    version: version.value(i).to_string(),
                     cluster: (!cl.is_null(i)).then(|| cl.value(i)),
                     embedding: v.values().to_vec(),
                 };

@@ -166,8 +166,12 @@ pub async fn embed(
         }
     }
     let sink_metrics = sink.metrics();
-    let version = format!("step-{:012}", ckpt.step);
-    let feat_dim = cfg.model.feat_dim;
+    // The published feature is part of the version: rows of another feature from the same
+    // checkpoint are other vectors (and other Kafka keys).
+    let version = match feature {
+        FeatureKind::Neck => format!("step-{:012}", ckpt.step),
+        other => format!("step-{:012}-{other}", ckpt.step),
+    };
     let mut rows = 0u64;
     loop {
         let batch = tokio::select! {
@@ -189,22 +193,30 @@ pub async fn embed(
                 crate::odc::normalise_rows(&mut v, d);
                 Ok((v, d))
             };
-            let (neck, _) = rows_of(model_ref.features_eval(&x).map_err(TrainError::from)?)?;
-            let clusters: Vec<Option<u32>> = match memory_ref {
-                Some(m) => m
+            // One backbone forward; the neck (what the memory clusters) gives the cluster.
+            let (neck, feature) = match (memory_ref, feature) {
+                (None, kind) if kind != FeatureKind::Neck => (
+                    None,
+                    model_ref.features(&x, kind).map_err(TrainError::from)?,
+                ),
+                (_, kind) => {
+                    let (n, f) = model_ref
+                        .neck_and_features(&x, kind)
+                        .map_err(TrainError::from)?;
+                    (Some(n), f)
+                }
+            };
+            let clusters: Vec<Option<u32>> = match (memory_ref, neck) {
+                (Some(m), Some(neck)) => m
                     .memory()
-                    .nearest_centroid(&neck)
+                    .nearest_centroid(&rows_of(neck)?.0)
                     .map_err(TrainError::from)?
                     .into_iter()
                     .map(Some)
                     .collect(),
-                None => vec![None; batch.keys.len()],
+                _ => vec![None; batch.keys.len()],
             };
-            // the cluster always comes from the neck feature, the one the memory clusters
-            let (emb, d) = match feature {
-                FeatureKind::Neck => (neck, feat_dim),
-                other => rows_of(model_ref.features(&x, other).map_err(TrainError::from)?)?,
-            };
+            let (emb, d) = rows_of(feature)?;
             Ok((emb, d, clusters))
         })?;
         rows += batch.keys.len() as u64;

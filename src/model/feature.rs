@@ -1,7 +1,7 @@
 //! Which of the network's features a consumer takes: the pooled backbone output, the neck's
 //! clustered feature, or an earlier stage's map with its layout kept.
 
-use candle_core::Tensor;
+use candle_core::{Tensor, D};
 
 use super::OdcModel;
 
@@ -29,8 +29,8 @@ pub enum FeatureKind {
 impl std::str::FromStr for FeatureKind {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
-        let stage = |n: &str| match n.parse::<u8>() {
-            Ok(n @ 1..=4) => Ok(n),
+        let stage = |n: &str| match n {
+            "1" | "2" | "3" | "4" => Ok(n.as_bytes()[0] - b'0'),
             _ => Err(format!("`{s}`: the stage must be 1, 2, 3 or 4")),
         };
         match s {
@@ -84,12 +84,58 @@ impl OdcModel {
             FeatureKind::Backbone => self.backbone_features(x, false),
             FeatureKind::Neck => self.features_eval(x),
             FeatureKind::Spatial => self.backbone_map_features(x),
-            FeatureKind::Stage(n) => {
-                let maps = self.backbone_stage_maps(x)?;
-                maps[usize::from(n).clamp(1, maps.len()) - 1].flatten_from(1)
+            FeatureKind::Stage(_) | FeatureKind::Stages(_) => {
+                from_stage_maps(&self.backbone_stage_maps(x)?, kind)
             }
-            FeatureKind::Stages(n) => self.stage_map_features(x, usize::from(n)),
         }
+    }
+
+    /// Eval-mode neck feature (what the memory clusters) and feature `kind` of `x` from one
+    /// backbone forward.
+    pub fn neck_and_features(
+        &self,
+        x: &Tensor,
+        kind: FeatureKind,
+    ) -> candle_core::Result<(Tensor, Tensor)> {
+        let maps = self.backbone_stage_maps(x)?;
+        let last = maps
+            .last()
+            .ok_or_else(|| candle_core::Error::msg("the backbone has no stage"))?;
+        let pooled = last.mean(D::Minus1)?.mean(D::Minus1)?;
+        let neck = self.neck(&pooled, false, 0)?;
+        let feature = match kind {
+            FeatureKind::Neck => neck.clone(),
+            FeatureKind::Backbone => pooled,
+            FeatureKind::Spatial => last.flatten_from(1)?,
+            FeatureKind::Stage(_) | FeatureKind::Stages(_) => from_stage_maps(&maps, kind)?,
+        };
+        Ok((neck, feature))
+    }
+}
+
+/// `stageN` / `stagesN` from the stage maps (stage 1 first); N outside 1..=stages is clamped.
+fn from_stage_maps(maps: &[Tensor], kind: FeatureKind) -> candle_core::Result<Tensor> {
+    let pick = |n: u8| usize::from(n).clamp(1, maps.len().max(1)) - 1;
+    match kind {
+        FeatureKind::Stage(n) => maps
+            .get(pick(n))
+            .ok_or_else(|| candle_core::Error::msg("the backbone has no stage"))?
+            .flatten_from(1),
+        FeatureKind::Stages(n) => {
+            let parts = maps
+                .iter()
+                .skip(pick(n))
+                .map(|m| {
+                    let f = m.flatten_from(1)?;
+                    let norm = f.sqr()?.sum_keepdim(1)?.sqrt()?.clamp(1e-12, f32::MAX)?;
+                    f.broadcast_div(&norm)
+                })
+                .collect::<candle_core::Result<Vec<_>>>()?;
+            Tensor::cat(&parts, 1)
+        }
+        other => Err(candle_core::Error::msg(format!(
+            "{other} is not a stage feature"
+        ))),
     }
 }
 
@@ -107,6 +153,16 @@ mod tests {
         assert!("stage5".parse::<FeatureKind>().is_err());
         assert!("stages0".parse::<FeatureKind>().is_err());
         assert!("pixels".parse::<FeatureKind>().is_err());
+        assert!("stage02".parse::<FeatureKind>().is_err());
+        assert!("stage+2".parse::<FeatureKind>().is_err());
+        // as config values (serde through the same strings)
+        #[derive(serde::Deserialize, serde::Serialize)]
+        struct C {
+            feature: FeatureKind,
+        }
+        let c: C = toml::from_str("feature = \"stages3\"").unwrap();
+        assert_eq!(c.feature, FeatureKind::Stages(3));
+        assert_eq!(toml::to_string(&c).unwrap().trim(), "feature = \"stages3\"");
     }
 
     #[test]
@@ -161,6 +217,55 @@ mod tests {
         for n in norms {
             assert!((n - 2f32.sqrt()).abs() < 1e-4, "row norm {n}");
         }
+        // one forward for both gives what two give
+        for kind in [
+            FeatureKind::Neck,
+            FeatureKind::Backbone,
+            FeatureKind::Stage(2),
+        ] {
+            let (neck, f) = m.neck_and_features(&x, kind)?;
+            for (a, b) in [
+                (neck, m.features(&x, FeatureKind::Neck)?),
+                (f, m.features(&x, kind)?),
+            ] {
+                let diff = (a - b)?.abs()?.max_all()?.to_scalar::<f32>()?;
+                assert!(diff < 1e-5, "{kind}: {diff}");
+            }
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn resnet50_stages_carry_four_times_the_channels() -> Result<(), crate::model::ModelError> {
+        use crate::model::{Arch, ModelConfig};
+        use candle_core::Device;
+        let cfg = ModelConfig {
+            arch: Arch::Resnet50,
+            in_channels: 1,
+            small_stem: true,
+            small_stem_stride: 2,
+            width: 8,
+            neck_hidden: 32,
+            feat_dim: 16,
+            ..ModelConfig::default()
+        };
+        let dev = Device::Cpu;
+        let m = OdcModel::new(&cfg, 10, &dev, 1)?;
+        let x = Tensor::randn(0f32, 1f32, (2, 1, 28, 28), &dev)?;
+        let dims: Vec<Vec<usize>> = m
+            .backbone_stage_maps(&x)?
+            .iter()
+            .map(|t| t.dims().to_vec())
+            .collect();
+        assert_eq!(
+            dims,
+            [
+                vec![2, 32, 14, 14],
+                vec![2, 64, 7, 7],
+                vec![2, 128, 4, 4],
+                vec![2, 256, 2, 2]
+            ]
+        );
         Ok(())
     }
 }

@@ -294,23 +294,6 @@ impl OdcModel {
         self.backbone.forward_stages(x, false)
     }
 
-    /// Eval-mode output maps of backbone stages `first..=4` (1-based), each flattened to
-    /// (N, C × h × w) and L2-normalised per row, side by side: every stage weighs the same in a
-    /// cosine whatever its size.
-    pub fn stage_map_features(&self, x: &Tensor, first: usize) -> candle_core::Result<Tensor> {
-        let maps = self.backbone.forward_stages(x, false)?;
-        let first = first.clamp(1, maps.len());
-        let parts = maps[first - 1..]
-            .iter()
-            .map(|m| {
-                let f = m.flatten_from(1)?;
-                let norm = f.sqr()?.sum_keepdim(1)?.sqrt()?.clamp(1e-12, f32::MAX)?;
-                f.broadcast_div(&norm)
-            })
-            .collect::<candle_core::Result<Vec<_>>>()?;
-        Tensor::cat(&parts, 1)
-    }
-
     fn neck(&self, pooled: &Tensor, train: bool, dropout_seed: u64) -> candle_core::Result<Tensor> {
         let y = self.fc0.forward(pooled)?;
         let y = self.bn0.forward(&y, train)?.relu()?;
