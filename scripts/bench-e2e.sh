@@ -16,7 +16,7 @@ ROUNDS=${ROUNDS:-2}
 STEPS=${STEPS:-300}
 SHARDS=${SHARDS:-data/shards/fmnist-train/}
 if [ -z "${ODCD:-}" ]; then
-  cargo build --release --bin odcd >/dev/null
+  cargo build --release --quiet --bin odcd
   ODCD="${CARGO_TARGET_DIR:-target}/release/odcd"
 fi
 [ -n "$(ls "$SHARDS" 2>/dev/null)" ] || {

@@ -17,8 +17,10 @@
 #   EVAL_MAX_TRAIN / EVAL_MAX_TEST  evaluate on the first N train / eval images only
 #   EVAL_CENTER=1  centre every row's features on the train mean before the cosine
 #                  (`odcd eval --center`); results then go to eval-$SPLIT-center.{txt,json}
-#   EVAL_FEATURE   backbone (default) | spatial | neck: the feature evaluated (`odcd eval
-#                  --feature`); results then go to eval-$SPLIT-$EVAL_FEATURE.{txt,json}
+#   EVAL_FEATURE   backbone (default) | spatial | neck | stageN | stagesN: the feature
+#                  evaluated (`odcd eval --feature`; stage2 with EVAL_CENTER=1 is the one
+#                  docs/evaluation.md chose on the validation splits); results then go to
+#                  eval-$SPLIT-$EVAL_FEATURE.{txt,json}
 #   SKIP_TRAIN=1   evaluate the checkpoint of a previous run of the same RUN again
 #   ODCD           an odcd binary to use instead of building one
 # Results: data/quality/$DATASET/$RUN/{eval-$SPLIT.txt,eval-$SPLIT.json,train.log,uptime.txt,
