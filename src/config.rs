@@ -429,7 +429,7 @@ mod tests {
                 .is_some_and(|m| m.contains("pipeline.batch_size")),
             "{e:?}"
         );
-        let bad = QUICKSTART.replace("num_clusters = 30", "num_clusters = 100000");
+        let bad = QUICKSTART.replace("num_clusters = 100", "num_clusters = 100000");
         assert_ne!(bad, QUICKSTART);
         let e = Config::from_toml(&bad, "x.toml")
             .err()
