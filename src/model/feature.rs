@@ -142,6 +142,25 @@ fn from_stage_maps(maps: &[Tensor], kind: FeatureKind) -> candle_core::Result<Te
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::{Arch, ModelConfig, ModelError};
+    use candle_core::Device;
+
+    /// A 1-channel network with the stride-2 small stem at width 8: stages at 14, 7, 4, 2 px
+    /// on 28-px input.
+    fn small_model(arch: Arch) -> Result<(OdcModel, Device), ModelError> {
+        let cfg = ModelConfig {
+            arch,
+            in_channels: 1,
+            small_stem: true,
+            small_stem_stride: 2,
+            width: 8,
+            neck_hidden: 32,
+            feat_dim: 16,
+            ..ModelConfig::default()
+        };
+        let dev = Device::Cpu;
+        Ok((OdcModel::new(&cfg, 10, &dev, 1)?, dev))
+    }
 
     #[test]
     fn feature_kinds_round_trip_and_reject_unknown_stages() {
@@ -166,24 +185,11 @@ mod tests {
     }
 
     #[test]
-    fn stage_features_keep_each_stage_layout() -> Result<(), crate::model::ModelError> {
-        use crate::model::{Arch, ModelConfig};
-        use candle_core::Device;
-        let cfg = ModelConfig {
-            arch: Arch::Resnet18,
-            in_channels: 1,
-            small_stem: true,
-            small_stem_stride: 2,
-            width: 8,
-            neck_hidden: 32,
-            feat_dim: 16,
-            ..ModelConfig::default()
-        };
-        let dev = Device::Cpu;
-        let m = OdcModel::new(&cfg, 10, &dev, 1)?;
+    fn stage_features_keep_each_stage_layout() -> Result<(), ModelError> {
+        let (m, dev) = small_model(Arch::Resnet18)?;
         let x = Tensor::randn(0f32, 1f32, (3, 1, 28, 28), &dev)?;
         // 28 px, stride-2 stem: stages at 14, 7, 4, 2 px with 8, 16, 32, 64 channels
-        let dim = |k: &str| -> Result<Vec<usize>, crate::model::ModelError> {
+        let dim = |k: &str| -> Result<Vec<usize>, ModelError> {
             Ok(m.features(&x, k.parse().map_err(candle_core::Error::msg)?)?
                 .dims()
                 .to_vec())
@@ -236,21 +242,8 @@ mod tests {
     }
 
     #[test]
-    fn resnet50_stages_carry_four_times_the_channels() -> Result<(), crate::model::ModelError> {
-        use crate::model::{Arch, ModelConfig};
-        use candle_core::Device;
-        let cfg = ModelConfig {
-            arch: Arch::Resnet50,
-            in_channels: 1,
-            small_stem: true,
-            small_stem_stride: 2,
-            width: 8,
-            neck_hidden: 32,
-            feat_dim: 16,
-            ..ModelConfig::default()
-        };
-        let dev = Device::Cpu;
-        let m = OdcModel::new(&cfg, 10, &dev, 1)?;
+    fn resnet50_stages_carry_four_times_the_channels() -> Result<(), ModelError> {
+        let (m, dev) = small_model(Arch::Resnet50)?;
         let x = Tensor::randn(0f32, 1f32, (2, 1, 28, 28), &dev)?;
         let dims: Vec<Vec<usize>> = m
             .backbone_stage_maps(&x)?
