@@ -37,6 +37,27 @@ fn prometheus_scrapes_the_daemon() {
             (v >= min).then_some(())
         });
     }
+    // Where the loop's time went: one series per phase, the step's phases above zero.
+    let (_, body) = http_get(port, "/metrics").expect("scrape the daemon");
+    for phase in [
+        "forward",
+        "backward",
+        "optimizer",
+        "memory",
+        "step_other",
+        "input_wait",
+        "publish",
+        "other",
+    ] {
+        let v = metric_value(
+            &body,
+            &format!("odcd_train_loop_seconds_total{{phase=\"{phase}\"}}"),
+        );
+        assert!(v.is_some(), "no loop-time series for {phase}:\n{body}");
+        if ["forward", "backward"].contains(&phase) {
+            assert!(v > Some(0.0), "{phase}: {v:?}");
+        }
+    }
     let (_, series) = http_get(prom_port, "/api/v1/query?query=odcd_records_rejected_total")
         .expect("query rejected series");
     assert!(
