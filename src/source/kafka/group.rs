@@ -15,8 +15,7 @@ use rdkafka::types::RDKafkaRespErr;
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 
-use super::partition::PartitionQueue;
-use super::reader::BURST;
+use super::partition::{PartitionQueue, BURST};
 use super::MessageFormat;
 use crate::source::DataMetrics;
 

@@ -23,6 +23,10 @@ use rdkafka::message::{Header, Headers, Message, Timestamp};
 use rdkafka::types::RDKafkaRespErr;
 use tokio::sync::Notify;
 
+/// Messages taken from librdkafka's queue per hand-off when more are already waiting: one
+/// channel reservation and one wake-up of the decode stage per burst instead of per message.
+pub(super) const BURST: usize = 256;
+
 /// One partition's queue, split off the consumer's main queue.
 pub(super) struct PartitionQueue {
     /// Messages taken from the queue and not handed out yet (dropped before the queue).

@@ -16,7 +16,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::group::{ConsumerState, GroupConsumer, GroupContext};
 use super::message::{message_items, shard_items, MessageCopier, Parsed, ShardMessage};
-use super::partition::{PartitionQueue, RawMessage};
+use super::partition::{PartitionQueue, RawMessage, BURST};
 use super::{KafkaHandle, KafkaSourceConfig, MessageFormat, StartFrom};
 use crate::kafka::client_config;
 use crate::source::webdataset::ReadOptions;
@@ -107,10 +107,6 @@ impl KafkaSource {
         Ok((rx, handle))
     }
 }
-
-/// Messages taken from librdkafka's queue per hand-off when more are already waiting: one
-/// channel reservation and one wake-up of the decode stage per burst instead of per message.
-pub(super) const BURST: usize = 256;
 
 /// The source task: serves the consumer's main queue (group events, statistics, errors, and
 /// the messages of any partition whose queue could not be split off) and starts one reader
