@@ -18,7 +18,8 @@
 //! - [`checkpoint`]: the checkpoint format and store. [`sink`]: Parquet and Kafka embeddings.
 //!   [`deadletter`]: rejected records to a store prefix or a topic.
 //! - [`source`]: object-store and Kafka sources, the WebDataset reader, resumable positions.
-//! - [`train`]: the trainer (one ODC step), its config and metrics.
+//! - [`train`]: the trainer (one ODC step), its config and metrics. [`infer`]: eval-mode
+//!   embedding with a frozen network (`odcd embed`, releases).
 //! - [`model`] (ResNet, neck, head; `model::ops` the CPU kernels), [`odc`] (the memory,
 //!   k-means, loss), [`optim`] (momentum SGD).
 //! - Ground floor, shared by everything above: [`kafka`] (librdkafka client config),
@@ -34,6 +35,7 @@ pub mod decode;
 pub mod device;
 pub mod dist;
 pub mod eval;
+pub mod infer;
 pub mod kafka;
 pub mod logging;
 pub mod metrics;

@@ -12,7 +12,7 @@ const FLOORS: &[&[&str]] = &[
         "record", "device", "logging", "metrics", "store", "kafka", "dist",
     ],
     &["model", "odc", "optim"],
-    &["train"],
+    &["train", "infer"],
     &["source"],
     &["sink", "checkpoint", "deadletter"],
     &["decode"],

@@ -798,6 +798,28 @@ impl OdcMemory {
             .collect())
     }
 
+    /// [`Self::nearest_centroid`] without a memory: the labels `feats` get from the `k`
+    /// centroids `centroids` (k × dim, as saved with a checkpoint), by the same rule.
+    pub fn nearest_of(centroids: &[f32], k: usize, dim: usize, feats: &[f32]) -> Result<Vec<u32>> {
+        if centroids.len() != k * dim || k == 0 {
+            return Err(OdcError::LengthMismatch {
+                what: "centroids",
+                expected: k.max(1) * dim,
+                got: centroids.len(),
+            });
+        }
+        check_rows("feats", feats, dim)?;
+        check_finite("feats", feats, dim)?;
+        let mut rows = vec![0f32; feats.len()];
+        rows.par_chunks_mut(dim)
+            .zip(feats.par_chunks(dim))
+            .for_each(|(o, f)| normalise_into(f, o));
+        Ok(nearest_by_dot(&rows, dim, centroids, k, None)
+            .into_iter()
+            .map(|l| l.unwrap_or(0))
+            .collect())
+    }
+
     /// Empties an occupied slot (bank row zeroed) and returns its label. Centroids are not
     /// touched: like the reference, they follow the memory only at the next recompute.
     pub fn remove(&mut self, slot: u32) -> Result<u32> {

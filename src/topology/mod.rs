@@ -62,6 +62,8 @@ pub enum TopologyError {
     Thread(String),
     #[error("evaluation: {0}")]
     Eval(#[from] crate::eval::EvalError),
+    #[error(transparent)]
+    Infer(#[from] crate::infer::InferError),
     #[error("data-parallel training: {0}")]
     Dist(#[from] crate::dist::DistError),
     #[error("data-parallel run: {0}")]
