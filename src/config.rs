@@ -13,6 +13,7 @@ use crate::logging::LogConfig;
 use crate::metrics::MetricsConfig;
 use crate::model::ModelConfig;
 use crate::optim::SgdConfig;
+use crate::release::ReleasesConfig;
 use crate::sink::EmbeddingsConfig;
 use crate::source::SourceConfig;
 use crate::store::local_path_to_url;
@@ -60,6 +61,9 @@ pub struct Config {
     /// In-daemon k-NN evaluation on a labelled set (absent = off).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub eval: Option<KnnEvalConfig>,
+    /// Versioned, quality-gated releases of clean embeddings (absent = off).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub releases: Option<ReleasesConfig>,
 }
 
 /// Sets `key` (dotted path) in `table` to `value`, parsed as a TOML value (a bare word that is
@@ -114,6 +118,12 @@ impl Config {
         if let Some(e) = cfg.eval.as_mut() {
             to_url(&mut e.train_url, "eval.train_url")?;
             to_url(&mut e.test_url, "eval.test_url")?;
+        }
+        if let Some(r) = cfg.releases.as_mut() {
+            to_url(&mut r.url, "releases.url")?;
+            if let Some(c) = r.catalog_url.as_mut() {
+                to_url(c, "releases.catalog_url")?;
+            }
         }
         cfg.validate()?;
         Ok(cfg)
@@ -210,6 +220,34 @@ impl Config {
         }
     }
 
+    /// What releases embed: `releases.catalog_url` (with `catalog_options`, else the
+    /// source's options), or the object-store source's URL.
+    pub fn release_catalog(
+        &self,
+    ) -> Result<(String, std::collections::BTreeMap<String, String>), ConfigError> {
+        let Some(r) = &self.releases else {
+            return Err(invalid("releases", "is not configured"));
+        };
+        let source_options = match &self.source {
+            SourceConfig::ObjectStore(s) => s.options.clone(),
+            SourceConfig::Kafka(_) => Default::default(),
+        };
+        match (&r.catalog_url, &self.source) {
+            (Some(url), _) => Ok((
+                url.clone(),
+                r.catalog_options.clone().unwrap_or(source_options),
+            )),
+            (None, SourceConfig::ObjectStore(s)) => Ok((
+                s.url.clone(),
+                r.catalog_options.clone().unwrap_or(source_options),
+            )),
+            (None, SourceConfig::Kafka(_)) => Err(invalid(
+                "releases.catalog_url",
+                "a release embeds a catalog of shards, and a Kafka source has none to list: set catalog_url to the object-store prefix that holds the images as shards",
+            )),
+        }
+    }
+
     /// Each section's own checks, then the checks across sections.
     pub fn validate(&self) -> Result<(), ConfigError> {
         self.model.validate()?;
@@ -227,6 +265,10 @@ impl Config {
         }
         if let Some(e) = &self.eval {
             e.validate()?;
+        }
+        if let Some(r) = &self.releases {
+            r.validate()?;
+            self.release_catalog()?;
         }
         let channels = self.pipeline.decode.channels as usize;
         if channels != self.model.in_channels {

@@ -14,6 +14,8 @@
 //!   channels (data path, embeddings task, resume) and runs the training loop's phases.
 //! - [`eval`]: k-NN, linear probe, cluster metrics, in-daemon evaluation, training history,
 //!   the report page. [`shards`]: IDX import, folder packing, inspection, the shard writer.
+//! - [`release`]: versioned, quality-gated releases of clean embeddings (judge, backfill,
+//!   fresh arrivals, the `CURRENT` pointer).
 //! - [`decode`]: decode + augment on a rayon pool into batches.
 //! - [`checkpoint`]: the checkpoint format and store. [`sink`]: Parquet and Kafka embeddings.
 //!   [`deadletter`]: rejected records to a store prefix or a topic.
@@ -43,6 +45,7 @@ pub mod model;
 pub mod odc;
 pub mod optim;
 pub mod record;
+pub mod release;
 pub mod shards;
 pub mod sink;
 pub mod source;

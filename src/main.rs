@@ -41,6 +41,11 @@ enum Cmd {
         #[command(subcommand)]
         cmd: cmd::checkpoint::CheckpointCmd,
     },
+    /// Releases of clean embeddings: list, promote a checkpoint, roll back, run a worker.
+    Release {
+        #[command(subcommand)]
+        cmd: cmd::release::ReleaseCmd,
+    },
     /// Make and inspect WebDataset shards.
     Shards {
         #[command(subcommand)]
@@ -73,6 +78,7 @@ fn main() -> Result<()> {
             init_logging(LogFormat::Human);
             rt.block_on(cmd.run())
         }
+        Cmd::Release { cmd } => cmd.execute(&rt),
         Cmd::Shards { cmd } => {
             init_logging(LogFormat::Human);
             rt.block_on(cmd.run())

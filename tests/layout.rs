@@ -17,6 +17,7 @@ const FLOORS: &[&[&str]] = &[
     &["sink", "checkpoint", "deadletter"],
     &["decode"],
     &["eval", "shards"],
+    &["release"],
     &["topology"],
     &["config"],
     &["cmd"],

@@ -8,6 +8,7 @@
 //! | `odcd embed` | [`embed`] |
 //! | `odcd eval` | [`eval`] |
 //! | `odcd report` | [`report`] |
+//! | `odcd release list/promote/rollback/work` | [`release`] |
 //! | `odcd config check` | [`config`] |
 //! | `odcd checkpoint list/inspect` | [`checkpoint`] |
 //! | `odcd shards import-idx/pack/inspect` | [`shards`] |
@@ -20,6 +21,7 @@ pub mod checkpoint;
 pub mod config;
 pub mod embed;
 pub mod eval;
+pub mod release;
 pub mod report;
 pub mod run;
 pub mod shards;

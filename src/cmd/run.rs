@@ -12,6 +12,7 @@ use crate::checkpoint::CheckpointStore;
 use crate::config::Config;
 use crate::eval::DaemonEval;
 use crate::metrics::Health;
+use crate::release::{ManagerSettings, ReleaseManager};
 use crate::source::{DataMetrics, RejectReason};
 use crate::topology::resume::{resume_latest, Resumed};
 use crate::topology::train_loop::{LoopSettings, LoopStages, RunSummary, TrainLoop};
@@ -192,6 +193,33 @@ pub async fn run_with(
         )?),
         None => None,
     };
+    // Releases are built once for the job: by rank 0.
+    let releases = match (&cfg.releases, collective.is_root()) {
+        (Some(r), true) => {
+            let (catalog_url, catalog_options) = cfg
+                .release_catalog()
+                .map_err(|e| TopologyError::Config(e.to_string()))?;
+            Some(ReleaseManager::spawn(
+                ManagerSettings {
+                    cfg: r.clone(),
+                    net: cfg.eval_model(),
+                    eval: cfg.eval.clone(),
+                    checkpoint_url: cfg
+                        .checkpoint
+                        .as_ref()
+                        .map(|c| c.url.clone())
+                        .unwrap_or_default(),
+                    catalog_url,
+                    catalog_options,
+                    dead_letter: cfg.pipeline.dead_letter.clone(),
+                },
+                &registry,
+                handle.clone(),
+                cancel.clone(),
+            )?)
+        }
+        _ => None,
+    };
     let settings = LoopSettings {
         odc: cfg.odc.clone(),
         train: cfg.train.clone(),
@@ -216,6 +244,7 @@ pub async fn run_with(
             embeddings: embeddings.as_ref().map(|e| e.handle()),
             kafka: path.kafka,
             eval,
+            releases,
         },
         trainer,
         batches: path.batches,

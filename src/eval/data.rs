@@ -52,6 +52,29 @@ pub async fn load_set(
     max: Option<usize>,
     cancel: &CancellationToken,
 ) -> Result<LabelledSet, EvalError> {
+    load_images(url, options, pipeline, max, true, cancel).await
+}
+
+/// [`load_set`] where a label is optional (`-1` in `labels` for an image without `.cls`):
+/// a sample of a stream's images for label-free measurements.
+pub async fn load_unlabelled(
+    url: &str,
+    options: &BTreeMap<String, String>,
+    pipeline: &PipelineConfig,
+    max: Option<usize>,
+    cancel: &CancellationToken,
+) -> Result<LabelledSet, EvalError> {
+    load_images(url, options, pipeline, max, false, cancel).await
+}
+
+async fn load_images(
+    url: &str,
+    options: &BTreeMap<String, String>,
+    pipeline: &PipelineConfig,
+    max: Option<usize>,
+    require_labels: bool,
+    cancel: &CancellationToken,
+) -> Result<LabelledSet, EvalError> {
     let url = crate::store::local_path_to_url(url, "shards URL").map_err(|e| EvalError::Data {
         url: url.to_string(),
         message: e.to_string(),
@@ -108,11 +131,15 @@ pub async fn load_set(
                 message: format!("decoded batch: {e}"),
             })?;
         for i in 0..take {
-            let Some(label) = batch.class_labels[i] else {
-                return Err(EvalError::Unlabelled {
-                    url: url.clone(),
-                    key: batch.keys[i].clone(),
-                });
+            let label = match batch.class_labels[i] {
+                Some(l) => l,
+                None if !require_labels => -1,
+                None => {
+                    return Err(EvalError::Unlabelled {
+                        url: url.clone(),
+                        key: batch.keys[i].clone(),
+                    })
+                }
             };
             set.keys.push(batch.keys[i].clone());
             set.labels.push(label);

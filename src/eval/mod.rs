@@ -9,6 +9,7 @@ pub mod daemon;
 pub mod data;
 pub mod history;
 pub mod knn;
+pub mod label_free;
 pub mod linear_probe;
 pub mod report;
 

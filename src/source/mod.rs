@@ -18,7 +18,7 @@ pub mod webdataset;
 pub use self::config::{ObjectStoreSourceConfig, SourceMode};
 pub use self::kafka::{KafkaHandle, KafkaSource, KafkaSourceConfig};
 pub use self::metrics::DataMetrics;
-pub use self::object_store::{shard_rank, ObjectStoreSource};
+pub use self::object_store::{is_shard_name, shard_rank, ObjectStoreSource};
 pub use self::state::SourceState;
 
 /// `[source]`: object-store shards (the default, `kind` absent or `"object_store"`) or Kafka

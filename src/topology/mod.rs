@@ -64,6 +64,8 @@ pub enum TopologyError {
     Eval(#[from] crate::eval::EvalError),
     #[error(transparent)]
     Infer(#[from] crate::infer::InferError),
+    #[error("releases: {0}")]
+    Release(#[from] crate::release::ReleaseError),
     #[error("data-parallel training: {0}")]
     Dist(#[from] crate::dist::DistError),
     #[error("data-parallel run: {0}")]

@@ -28,6 +28,7 @@ use crate::eval::DaemonEval;
 use crate::metrics::Health;
 use crate::odc::MemoryStats;
 use crate::record::Batch;
+use crate::release::{Candidate, ReleaseManager};
 use crate::sink::EmbeddingBatch;
 use crate::source::{KafkaHandle, SourceState};
 use crate::train::{
@@ -78,6 +79,9 @@ pub struct LoopStages {
     pub kafka: Option<KafkaHandle>,
     /// In-daemon evaluation (`[eval]`), on its own thread.
     pub eval: Option<DaemonEval>,
+    /// Releases (`[releases]`, rank 0 only): every checkpoint written is offered as a
+    /// candidate; the manager judges it and builds releases on its own thread.
+    pub releases: Option<ReleaseManager>,
 }
 
 /// The loop's state; [`TrainLoop::run`] consumes it.
@@ -109,6 +113,8 @@ struct Progress {
     /// The first step whose embeddings never reached the sinks (the task stopped, or the
     /// shutdown wait ran out): no checkpoint may cover it.
     unqueued_step: Option<u64>,
+    /// Step and manifest id of the last checkpoint written.
+    last_checkpoint: Option<(u64, String)>,
     summary: RunSummary,
 }
 
@@ -121,6 +127,7 @@ impl TrainLoop {
             pending: VecDeque::new(),
             ended: false,
             unqueued_step: None,
+            last_checkpoint: None,
             summary: RunSummary {
                 resumed_from: self.resumed_from,
                 ..RunSummary::default()
@@ -214,16 +221,37 @@ impl TrainLoop {
             }
             if self.agree_checkpoint(schedule.due(self.trainer.step_count()))? {
                 // A failed checkpoint is tried again at the next checkpoint moment.
-                self.checkpoint(&trained_state, p.unqueued_step, &mut p.summary);
+                self.checkpoint(&trained_state, &mut p, false);
                 schedule.written(self.trainer.step_count());
             }
             carried_other = t_tail.elapsed().as_secs_f64();
         }
         self.stages.health.set_training(false);
+        // The run ended by itself (max_steps, the source's end), not by a stop request: its
+        // last checkpoint is the release candidate that matters most.
+        let ended_by_itself = !self.cancel.is_cancelled();
         // Final checkpoint at shutdown (unless nothing was trained since the last one), through
         // the same barrier.
         if schedule.enabled() && self.trainer.step_count() > schedule.last_step {
-            self.checkpoint(&trained_state, p.unqueued_step, &mut p.summary);
+            self.checkpoint(&trained_state, &mut p, ended_by_itself);
+        } else if ended_by_itself {
+            // The last scheduled checkpoint holds these very weights.
+            if let Some((step, id)) = p.last_checkpoint.clone() {
+                if step == self.trainer.step_count() {
+                    match self.trainer.model().to_safetensors() {
+                        Ok(w) => self.offer_candidate(step, id, w, true),
+                        Err(e) => {
+                            tracing::error!("cannot offer the last checkpoint as a release: {e}")
+                        }
+                    }
+                }
+            }
+        }
+        if let Some(releases) = self.stages.releases.take() {
+            if ended_by_itself {
+                tracing::info!("finishing the release work before exiting (SIGTERM stops it; the next start resumes it)");
+            }
+            releases.finish(ended_by_itself);
         }
         // Parameters are identical on every rank: rank 0 writes them.
         let weights_path = self.settings.train.save_weights.as_ref();
@@ -458,13 +486,17 @@ impl TrainLoop {
     /// failure of either is reported (metric, `/readyz`, log), never fatal: training goes on
     /// and the next checkpoint tries again. `unqueued`: a step whose rows never reached the
     /// sinks, which no checkpoint may cover.
-    fn checkpoint(&self, source: &SourceState, unqueued: Option<u64>, summary: &mut RunSummary) {
+    fn checkpoint(&self, source: &SourceState, p: &mut Progress, last_of_run: bool) {
         let (Some(store), Some(c)) = (&self.stages.store, &self.settings.checkpoint) else {
             return;
         };
+        let (unqueued, summary) = (p.unqueued_step, &mut p.summary);
         let t0 = Instant::now();
+        // The weights written, kept for the release manager.
+        let written = std::cell::RefCell::new(None);
         let save = |ck: Checkpoint| {
-            self.rt
+            let res = self
+                .rt
                 .block_on(async {
                     tokio::time::timeout(
                         Duration::from_secs(c.timeout_secs),
@@ -474,7 +506,11 @@ impl TrainLoop {
                 })
                 .map_err(|_| format!("timed out after {} s", c.timeout_secs))
                 .and_then(|r| r.map_err(|e| e.to_string()))
-                .map(|m| (m.step, m.id.to_string(), m.total_bytes()))
+                .map(|m| (m.step, m.id.to_string(), m.total_bytes()));
+            if res.is_ok() && self.stages.releases.is_some() {
+                *written.borrow_mut() = Some(ck.model_safetensors);
+            }
+            res
         };
         let res = if self.collective().size() > 1 {
             self.checkpoint_distributed(source, unqueued, save)
@@ -504,6 +540,10 @@ impl TrainLoop {
                     seconds = format!("{:.2}", t0.elapsed().as_secs_f64()),
                     "checkpoint written"
                 );
+                p.last_checkpoint = Some((m.0, m.1.clone()));
+                if let Some(weights) = written.take() {
+                    self.offer_candidate(m.0, m.1, weights, last_of_run);
+                }
             }
             Err(e) => {
                 summary.checkpoint_failures += 1;
@@ -515,6 +555,22 @@ impl TrainLoop {
                 health.set_checkpoint(Some(e));
             }
         }
+    }
+
+    /// Offers checkpoint `step` (manifest `id`, `weights`) to the release manager, with the
+    /// memory's centroids of that step (each row's cluster).
+    fn offer_candidate(&self, step: u64, id: String, weights: Vec<u8>, last_of_run: bool) {
+        let Some(releases) = &self.stages.releases else {
+            return;
+        };
+        let memory = self.trainer.memory().memory();
+        releases.offer(Candidate {
+            step,
+            checkpoint_id: id,
+            weights,
+            centroids: (!memory.is_empty()).then(|| crate::infer::Centroids::of(memory)),
+            last_of_run,
+        });
     }
 
     /// The checkpoint barrier: `Ok` once every embedding row queued so far is published.

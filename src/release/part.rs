@@ -1,0 +1,141 @@
+//! One Parquet file of a release's rows (the rows of one catalog shard), written through
+//! object_store's multipart writer: the object appears under its name only when complete.
+//!
+//! | column        | Arrow type                | nullable | meaning                                   |
+//! |---------------|---------------------------|----------|-------------------------------------------|
+//! | `key`         | Utf8                      | no       | sample key                                |
+//! | `release`     | Utf8                      | no       | the release id                            |
+//! | `step`        | UInt64                    | no       | training step of the release's checkpoint |
+//! | `cluster`     | UInt32                    | yes      | nearest centroid of the checkpoint's memory |
+//! | `class_label` | Int64                     | yes      | `.cls` label when present (never trained on) |
+//! | `embedding`   | FixedSizeList<Float32, D> | no       | `normalise(feature − mean)`               |
+
+use std::sync::Arc;
+
+use arrow_array::{
+    ArrayRef, FixedSizeListArray, Float32Array, Int64Array, RecordBatch, StringArray, UInt32Array,
+    UInt64Array,
+};
+use arrow_schema::{DataType, Field, Schema, SchemaRef};
+use object_store::path::Path;
+use object_store::ObjectStore;
+use parquet::arrow::async_writer::ParquetObjectWriter;
+use parquet::arrow::AsyncArrowWriter;
+use parquet::basic::Compression;
+use parquet::file::properties::WriterProperties;
+
+use crate::infer::Rows;
+
+/// The schema of a release's files for vectors of `dim`.
+pub fn schema(dim: usize) -> Result<SchemaRef, String> {
+    let d = i32::try_from(dim)
+        .ok()
+        .filter(|&d| d > 0)
+        .ok_or_else(|| format!("dim {dim} must be in 1..=i32::MAX"))?;
+    Ok(Arc::new(Schema::new(vec![
+        Field::new("key", DataType::Utf8, false),
+        Field::new("release", DataType::Utf8, false),
+        Field::new("step", DataType::UInt64, false),
+        Field::new("cluster", DataType::UInt32, true),
+        Field::new("class_label", DataType::Int64, true),
+        Field::new(
+            "embedding",
+            DataType::FixedSizeList(Arc::new(Field::new("item", DataType::Float32, false)), d),
+            false,
+        ),
+    ])))
+}
+
+/// A part being written. Dropping it unfinished discards the upload (nothing is published).
+pub struct PartWriter {
+    writer: AsyncArrowWriter<ParquetObjectWriter>,
+    schema: SchemaRef,
+    release: String,
+    step: u64,
+    dim: usize,
+    rows: u64,
+}
+
+impl PartWriter {
+    pub fn create(
+        store: Arc<dyn ObjectStore>,
+        path: Path,
+        release: &str,
+        step: u64,
+        dim: usize,
+    ) -> Result<Self, String> {
+        let schema = schema(dim)?;
+        let props = WriterProperties::builder()
+            .set_compression(Compression::SNAPPY)
+            .set_max_row_group_size(16_384)
+            .set_created_by(format!("odcd {}", env!("CARGO_PKG_VERSION")))
+            .build();
+        let writer = AsyncArrowWriter::try_new(
+            ParquetObjectWriter::new(store, path),
+            schema.clone(),
+            Some(props),
+        )
+        .map_err(|e| e.to_string())?;
+        Ok(PartWriter {
+            writer,
+            schema,
+            release: release.to_string(),
+            step,
+            dim,
+            rows: 0,
+        })
+    }
+
+    /// Appends the rows of one batch (`keys[i]` ↔ row i of `rows`).
+    pub async fn write(
+        &mut self,
+        keys: &[String],
+        class_labels: &[Option<i64>],
+        rows: &Rows,
+    ) -> Result<(), String> {
+        let n = keys.len();
+        if rows.dim != self.dim || rows.values.len() != n * self.dim || rows.clusters.len() != n {
+            return Err(format!(
+                "{n} keys, {} values of dim {} and {} clusters do not make rows of dim {}",
+                rows.values.len(),
+                rows.dim,
+                rows.clusters.len(),
+                self.dim
+            ));
+        }
+        let item = Arc::new(Field::new("item", DataType::Float32, false));
+        let emb = FixedSizeListArray::try_new(
+            item,
+            self.dim as i32,
+            Arc::new(Float32Array::from(rows.values.clone())),
+            None,
+        )
+        .map_err(|e| e.to_string())?;
+        let cols: Vec<ArrayRef> = vec![
+            Arc::new(StringArray::from_iter_values(keys)),
+            Arc::new(StringArray::from_iter_values(std::iter::repeat_n(
+                self.release.as_str(),
+                n,
+            ))),
+            Arc::new(UInt64Array::from(vec![self.step; n])),
+            Arc::new(UInt32Array::from(rows.clusters.clone())),
+            Arc::new(Int64Array::from(class_labels.to_vec())),
+            Arc::new(emb),
+        ];
+        let batch = RecordBatch::try_new(self.schema.clone(), cols).map_err(|e| e.to_string())?;
+        self.writer.write(&batch).await.map_err(|e| e.to_string())?;
+        self.rows += n as u64;
+        Ok(())
+    }
+
+    /// Completes the upload: only now does the file appear. Returns (rows, bytes).
+    pub async fn finish(mut self) -> Result<(u64, u64), String> {
+        self.writer.finish().await.map_err(|e| e.to_string())?;
+        Ok((self.rows, self.writer.bytes_written() as u64))
+    }
+
+    /// Abandons the file: its upload is aborted, nothing is published.
+    pub async fn abort(self) {
+        let _ = self.writer.into_inner().into_inner().abort().await;
+    }
+}
