@@ -12,11 +12,9 @@
 //! | `odcd config check` | [`config`] |
 //! | `odcd checkpoint list/inspect` | [`checkpoint`] |
 //! | `odcd shards import-idx/pack/inspect` | [`shards`] |
-//! | `odcd bench train-step` | [`bench`] |
-//! | `odcd bench data-parallel` | [`bench_data_parallel`] |
+//! | `odcd bench train-step/data-parallel/embed` | [`bench`] |
 
 pub mod bench;
-pub mod bench_data_parallel;
 pub mod checkpoint;
 pub mod config;
 pub mod embed;

@@ -9,6 +9,7 @@ use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor};
 
+use super::shape::{device_name, parse_arch, rss_mib, stem_label};
 use crate::device::Kernels;
 use crate::model::{Arch, ModelConfig, ModelError, OdcModel};
 use crate::optim::{OptimError, Sgd, SgdConfig};
@@ -92,44 +93,6 @@ impl fmt::Display for TrainStepResult {
     }
 }
 
-/// Resident set size of this process (Linux `/proc/self/status`), NaN where unavailable.
-/// "" for the standard stem at width 64, else e.g. " (3x3/s2 stem, width 32)".
-fn stem_label(m: &ModelConfig) -> String {
-    let mut parts = Vec::new();
-    if m.small_stem {
-        parts.push(format!("3x3/s{} stem", m.small_stem_stride));
-    }
-    if m.width != ModelConfig::default().width {
-        parts.push(format!("width {}", m.width));
-    }
-    if parts.is_empty() {
-        String::new()
-    } else {
-        format!(" ({})", parts.join(", "))
-    }
-}
-
-/// Resident set size of this process (Linux `/proc/self/status`), NaN where unavailable.
-pub fn rss_mib() -> f64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmRSS:"))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|kb| kb.parse::<f64>().ok())
-        })
-        .map_or(f64::NAN, |kb| kb / 1024.0)
-}
-
-fn device_name(dev: &Device) -> String {
-    match dev {
-        Device::Cpu => "cpu".to_string(),
-        Device::Cuda(_) => "cuda".to_string(),
-        Device::Metal(_) => "metal".to_string(),
-    }
-}
-
 /// Runs `bench.steps + 1` training steps on `dev` (the first is a warm-up: allocator, thread
 /// pool, kernel loading) and returns the medians. Each phase ends with a device
 /// synchronisation, so GPU times are the kernels' and not only their launches'.
@@ -198,25 +161,6 @@ pub fn train_step(bench: &TrainStepBench, dev: &Device) -> Result<TrainStepResul
     })
 }
 
-pub(crate) fn parse_arch(s: &str) -> Result<Arch, String> {
-    match s {
-        "resnet18" => Ok(Arch::Resnet18),
-        "resnet50" => Ok(Arch::Resnet50),
-        _ => Err(format!("`{s}`: expected resnet18 or resnet50")),
-    }
-}
-
-/// Micro-benchmarks of the binary itself.
-#[derive(Debug, clap::Subcommand)]
-pub enum BenchCmd {
-    /// Training-step throughput (forward + loss + backward + SGD) on random images: median
-    /// step time of N steps after one warm-up step, one line on stdout.
-    TrainStep(TrainStepArgs),
-    /// The whole ODC step, one process or one rank of `mpirun -np N` (same global batch):
-    /// images/s, and per step the bytes and time of each collective.
-    DataParallel(super::bench_data_parallel::DataParallelArgs),
-}
-
 #[derive(Debug, clap::Args)]
 pub struct TrainStepArgs {
     /// Take the network, input size, channels, batch and K from this daemon config (and its
@@ -226,7 +170,7 @@ pub struct TrainStepArgs {
     #[arg(long, conflicts_with_all = ["arch", "size", "batch", "k"])]
     pub config: Option<std::path::PathBuf>,
     /// Overrides of --config's values, as `odcd run --set`.
-    #[arg(long = "set", value_parser = super::parse_kv, requires = "config")]
+    #[arg(long = "set", value_parser = crate::cmd::parse_kv, requires = "config")]
     pub overrides: Vec<(String, String)>,
     /// resnet18 or resnet50.
     #[arg(long, default_value = "resnet18", value_parser = parse_arch)]
@@ -251,57 +195,51 @@ pub struct TrainStepArgs {
     pub kernels: Option<Kernels>,
 }
 
-impl BenchCmd {
+impl TrainStepArgs {
     pub fn execute(self) -> anyhow::Result<()> {
-        match self {
-            BenchCmd::TrainStep(a) => {
-                let cfg = match &a.config {
-                    Some(path) => Some(crate::config::Config::load_with_overrides(
-                        path,
-                        &a.overrides,
-                    )?),
-                    None => None,
-                };
-                let device = a
-                    .device
-                    .or_else(|| cfg.as_ref().map(|c| c.train.device.clone()))
-                    .unwrap_or_else(|| "cpu".into());
-                let kernels = match (a.kernels, &cfg) {
-                    (Some(k), _) => k,
-                    (None, Some(c)) => {
-                        Kernels::parse(&c.train.kernels).map_err(anyhow::Error::msg)?
-                    }
-                    (None, None) => Kernels::Auto,
-                };
-                let dev = crate::device::select_device(&device)?;
-                let mut bench = TrainStepBench {
-                    model: ModelConfig {
-                        arch: a.arch,
-                        in_channels: 3,
-                        ..ModelConfig::default()
-                    },
-                    optimizer: SgdConfig::default(),
-                    size: a.size,
-                    batch: a.batch,
-                    steps: a.steps,
-                    k: a.k,
-                    rss_every: 0,
-                    kernels,
-                };
-                if let Some(cfg) = &cfg {
-                    bench.model = cfg.model.clone();
-                    bench.optimizer = cfg.optimizer.clone();
-                    bench.size = cfg.pipeline.transform.size() as usize;
-                    bench.batch = cfg.pipeline.batch_size;
-                    bench.k = cfg.odc.num_clusters;
-                }
-                let mut r = train_step(&bench, &dev)?;
-                r.device = device;
-                println!("{r}");
-                Ok(())
-            }
-            BenchCmd::DataParallel(a) => a.execute(),
+        let a = self;
+        let cfg = match &a.config {
+            Some(path) => Some(crate::config::Config::load_with_overrides(
+                path,
+                &a.overrides,
+            )?),
+            None => None,
+        };
+        let device = a
+            .device
+            .or_else(|| cfg.as_ref().map(|c| c.train.device.clone()))
+            .unwrap_or_else(|| "cpu".into());
+        let kernels = match (a.kernels, &cfg) {
+            (Some(k), _) => k,
+            (None, Some(c)) => Kernels::parse(&c.train.kernels).map_err(anyhow::Error::msg)?,
+            (None, None) => Kernels::Auto,
+        };
+        let dev = crate::device::select_device(&device)?;
+        let mut bench = TrainStepBench {
+            model: ModelConfig {
+                arch: a.arch,
+                in_channels: 3,
+                ..ModelConfig::default()
+            },
+            optimizer: SgdConfig::default(),
+            size: a.size,
+            batch: a.batch,
+            steps: a.steps,
+            k: a.k,
+            rss_every: 0,
+            kernels,
+        };
+        if let Some(cfg) = &cfg {
+            bench.model = cfg.model.clone();
+            bench.optimizer = cfg.optimizer.clone();
+            bench.size = cfg.pipeline.transform.size() as usize;
+            bench.batch = cfg.pipeline.batch_size;
+            bench.k = cfg.odc.num_clusters;
         }
+        let mut r = train_step(&bench, &dev)?;
+        r.device = device;
+        println!("{r}");
+        Ok(())
     }
 }
 

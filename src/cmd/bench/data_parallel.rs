@@ -20,7 +20,7 @@ use crate::train::{MinClusterSpec, OdcConfig, Trainer};
 #[derive(Debug, clap::Args)]
 pub struct DataParallelArgs {
     /// resnet18 or resnet50.
-    #[arg(long, default_value = "resnet18", value_parser = super::bench::parse_arch)]
+    #[arg(long, default_value = "resnet18", value_parser = super::shape::parse_arch)]
     pub arch: Arch,
     /// Input side in pixels (1 × SIZE × SIZE random images).
     #[arg(long, default_value_t = 32)]
