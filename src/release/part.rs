@@ -23,6 +23,7 @@ use parquet::arrow::async_writer::ParquetObjectWriter;
 use parquet::arrow::AsyncArrowWriter;
 use parquet::basic::Compression;
 use parquet::file::properties::WriterProperties;
+use parquet::schema::types::ColumnPath;
 
 use crate::infer::Rows;
 
@@ -65,8 +66,18 @@ impl PartWriter {
         dim: usize,
     ) -> Result<Self, String> {
         let schema = schema(dim)?;
+        // Normalised floats neither compress nor repeat: snappy left a 63 MB part of 3,136-d
+        // rows at 63 MB, and the dictionary attempt only costs time. The other columns keep
+        // both (keys compress to a third).
+        let floats = ColumnPath::from(vec![
+            "embedding".to_string(),
+            "list".to_string(),
+            "item".to_string(),
+        ]);
         let props = WriterProperties::builder()
             .set_compression(Compression::SNAPPY)
+            .set_column_compression(floats.clone(), Compression::UNCOMPRESSED)
+            .set_column_dictionary_enabled(floats, false)
             .set_max_row_group_size(16_384)
             .set_created_by(format!("odcd {}", env!("CARGO_PKG_VERSION")))
             .build();
@@ -86,12 +97,13 @@ impl PartWriter {
         })
     }
 
-    /// Appends the rows of one batch (`keys[i]` ↔ row i of `rows`).
+    /// Appends the rows of one batch (`keys[i]` ↔ row i of `rows`; the values are moved into
+    /// the file's column, not copied).
     pub async fn write(
         &mut self,
         keys: &[String],
         class_labels: &[Option<i64>],
-        rows: &Rows,
+        rows: Rows,
     ) -> Result<(), String> {
         let n = keys.len();
         if rows.dim != self.dim || rows.values.len() != n * self.dim || rows.clusters.len() != n {
@@ -107,7 +119,7 @@ impl PartWriter {
         let emb = FixedSizeListArray::try_new(
             item,
             self.dim as i32,
-            Arc::new(Float32Array::from(rows.values.clone())),
+            Arc::new(Float32Array::from(rows.values)),
             None,
         )
         .map_err(|e| e.to_string())?;
@@ -118,7 +130,7 @@ impl PartWriter {
                 n,
             ))),
             Arc::new(UInt64Array::from(vec![self.step; n])),
-            Arc::new(UInt32Array::from(rows.clusters.clone())),
+            Arc::new(UInt32Array::from(rows.clusters)),
             Arc::new(Int64Array::from(class_labels.to_vec())),
             Arc::new(emb),
         ];

@@ -573,10 +573,7 @@ impl Worker {
                     return Err(e.into());
                 }
             };
-            if let Err(m) = writer.write(&batch.keys, &batch.class_labels, &rows).await {
-                writer.abort().await;
-                return Err(self.write_err(&path, m));
-            }
+            // Kafka first (it needs a copy), then the values move into the Parquet column.
             if let Some(k) = &mut self.kafka {
                 let out = EmbeddingBatch {
                     keys: batch.keys.clone(),
@@ -585,12 +582,16 @@ impl Worker {
                     clusters: rows.clusters.clone(),
                     class_labels: batch.class_labels.clone(),
                     dim: rows.dim,
-                    embeddings: rows.values,
+                    embeddings: rows.values.clone(),
                 };
                 if let Err(e) = k.write(&out).await {
                     writer.abort().await;
                     return Err(e.into());
                 }
+            }
+            if let Err(m) = writer.write(&batch.keys, &batch.class_labels, rows).await {
+                writer.abort().await;
+                return Err(self.write_err(&path, m));
             }
             self.metrics.rows.inc_by(batch.keys.len() as u64);
         }
