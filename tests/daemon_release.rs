@@ -582,3 +582,148 @@ fn a_kafka_consumer_sees_every_row_of_each_release_and_switches_on_its_state_rec
         assert_eq!((v.step, v.embedding.len()), (20, 2048));
     }
 }
+
+#[test]
+fn an_s3_outage_under_the_releases_holds_the_release_pending_while_training_goes_on() {
+    use common::s3::{s3_options_toml, Forwarder, Moto, BUCKET};
+    let moto = Moto::start(free_port());
+    let mut fwd = Forwarder::start(moto.port);
+    // The catalog (also the training source) and the checkpoints on the server directly;
+    // the releases through the forwarder, whose outage training never sees.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let local = dir.path().join("catalog");
+    import(&local, 0, 240, 40, "fm");
+    let direct = moto.store();
+    common::data::rt().block_on(async {
+        for e in std::fs::read_dir(&local).expect("catalog").flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let bytes = std::fs::read(e.path()).expect("shard");
+            direct
+                .put(
+                    &object_store::path::Path::from(format!("catalog/{name}")),
+                    bytes.into(),
+                )
+                .await
+                .expect("upload a shard");
+        }
+    });
+    let opts = s3_options_toml(&moto.endpoint());
+    let outage_opts = s3_options_toml(&fwd.endpoint());
+    let port = free_port();
+    let text = test_config(
+        &format!("s3://{BUCKET}/catalog/"),
+        port,
+        &format!(
+            r#"
+[checkpoint]
+url = "s3://{BUCKET}/ck/"
+options = {opts}
+every_steps = 5
+[releases]
+url = "s3://{BUCKET}/releases/"
+options = {outage_opts}
+catalog_options = {opts}
+feature = "stage2"
+reference_samples = 32
+batch_size = 32
+poll_interval_ms = 200
+cpu_share = 0.1
+"#
+        ),
+    )
+    .replace(
+        "mode = { loop = {} }\n",
+        &format!("mode = {{ loop = {{}} }}\noptions = {opts}\n"),
+    );
+    let cfg = dir.path().join("odcd.toml");
+    std::fs::write(&cfg, text).expect("config");
+    let mut d = Daemon::start(&cfg, &dir.path().join("run.log"));
+    wait_until("a promotion", Duration::from_secs(600), || {
+        d.assert_alive();
+        d.log_text()
+            .contains("release candidate promoted")
+            .then_some(())
+    });
+    fwd.close();
+    // Down: the release work fails and is retried, the release stays pending, nothing is
+    // current; training goes on and /readyz does not mention the releases.
+    let steps_before = d
+        .wait_metric(port, "odcd_train_steps_total", 1.0, Duration::from_secs(60))
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("odcd_train_steps_total ")
+                .and_then(|v| v.parse::<f64>().ok())
+        })
+        .expect("steps");
+    let body = d.wait_metric(
+        port,
+        "odcd_release_errors_total",
+        2.0,
+        Duration::from_secs(120),
+    );
+    assert_eq!(
+        metric_value(&body, "odcd_release_pending"),
+        Some(1.0),
+        "{body}"
+    );
+    assert_eq!(
+        metric_value(&body, "odcd_release_current_step"),
+        Some(0.0),
+        "{body}"
+    );
+    let current = |store: &std::sync::Arc<dyn object_store::ObjectStore>| {
+        common::data::rt().block_on(async {
+            match store
+                .get(&object_store::path::Path::from("releases/CURRENT"))
+                .await
+            {
+                Ok(r) => Some(r.bytes().await.expect("CURRENT bytes")),
+                Err(_) => None,
+            }
+        })
+    };
+    assert!(
+        current(&direct).is_none(),
+        "no release is current during the outage"
+    );
+    d.wait_metric(
+        port,
+        "odcd_train_steps_total",
+        steps_before + 5.0,
+        Duration::from_secs(300),
+    );
+    let (status, why) = http_get(port, "/readyz").expect("/readyz");
+    assert_eq!(status, 200, "training is not affected: {why}");
+    // Back: the backfill resumes and the release becomes current through a conditional write.
+    fwd.open();
+    let pointer = wait_until("CURRENT after the outage", Duration::from_secs(300), || {
+        d.assert_alive();
+        current(&direct)
+    });
+    let p: serde_json::Value = serde_json::from_slice(&pointer).expect("CURRENT JSON");
+    let id = p["release"].as_str().expect("release").to_string();
+    assert_eq!(p["rows"], 240, "{p}");
+    let manifest = common::data::rt().block_on(async {
+        direct
+            .get(&object_store::path::Path::from(format!(
+                "releases/{id}/manifest.json"
+            )))
+            .await
+            .expect("manifest")
+            .bytes()
+            .await
+            .expect("manifest bytes")
+    });
+    let m: serde_json::Value = serde_json::from_slice(&manifest).expect("manifest JSON");
+    assert_eq!(
+        (m["rows"].as_u64(), m["covers"]["shards"].as_u64()),
+        (Some(240), Some(6))
+    );
+    d.signal("-TERM");
+    assert_eq!(
+        d.wait(Duration::from_secs(120)),
+        Some(0),
+        "log:\n{}",
+        d.log_text()
+    );
+}

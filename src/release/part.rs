@@ -151,3 +151,93 @@ impl PartWriter {
         let _ = self.writer.into_inner().into_inner().abort().await;
     }
 }
+
+enum PartMsg {
+    Rows(Vec<String>, Vec<Option<i64>>, Rows),
+    Abort,
+}
+
+/// A part written on a task of its own: encoding and writing one batch overlap the forward of
+/// the next (written on the embedding thread, they took ~4% of a backfill's time).
+pub struct PartTask {
+    tx: tokio::sync::mpsc::Sender<PartMsg>,
+    task: Option<tokio::task::JoinHandle<Result<(u64, u64), String>>>,
+}
+
+impl PartWriter {
+    /// Moves the writer onto a task; `queue` batches may wait for it.
+    pub fn spawn(mut self, queue: usize) -> PartTask {
+        let (tx, mut rx) = tokio::sync::mpsc::channel(queue.max(1));
+        let task = tokio::spawn(async move {
+            while let Some(m) = rx.recv().await {
+                match m {
+                    PartMsg::Rows(keys, labels, rows) => {
+                        if let Err(e) = self.write(&keys, &labels, rows).await {
+                            self.abort().await;
+                            return Err(e);
+                        }
+                    }
+                    PartMsg::Abort => {
+                        self.abort().await;
+                        return Err("aborted".into());
+                    }
+                }
+            }
+            self.finish().await
+        });
+        PartTask {
+            tx,
+            task: Some(task),
+        }
+    }
+}
+
+impl PartTask {
+    /// Queues one batch's rows; waits while the queue is full. A writer that failed
+    /// returns its error here (or at [`Self::finish`]).
+    pub async fn write(
+        &mut self,
+        keys: Vec<String>,
+        class_labels: Vec<Option<i64>>,
+        rows: Rows,
+    ) -> Result<(), String> {
+        if self
+            .tx
+            .send(PartMsg::Rows(keys, class_labels, rows))
+            .await
+            .is_ok()
+        {
+            return Ok(());
+        }
+        match self.task.take() {
+            Some(t) => match t.await {
+                Ok(Err(e)) => Err(e),
+                Ok(Ok(_)) => Err("the part writer ended early".into()),
+                Err(e) => Err(format!("the part writer failed: {e}")),
+            },
+            None => Err("the part writer has stopped".into()),
+        }
+    }
+
+    /// Writes what is queued and completes the upload. Returns (rows, bytes).
+    pub async fn finish(self) -> Result<(u64, u64), String> {
+        let PartTask { tx, task } = self;
+        drop(tx);
+        match task {
+            Some(t) => t
+                .await
+                .map_err(|e| format!("the part writer failed: {e}"))?,
+            None => Err("the part writer has stopped".into()),
+        }
+    }
+
+    /// Abandons the part: nothing is published.
+    pub async fn abort(self) {
+        let PartTask { tx, task } = self;
+        let _ = tx.send(PartMsg::Abort).await;
+        drop(tx);
+        if let Some(t) = task {
+            let _ = t.await;
+        }
+    }
+}

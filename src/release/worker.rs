@@ -550,9 +550,13 @@ impl Worker {
         let (store, _) = self.store.object("");
         let mut writer =
             PartWriter::create(store, path.clone(), &id, spec.checkpoint.step, spec.dim)
-                .map_err(|m| self.write_err(&path, m))?;
+                .map_err(|m| self.write_err(&path, m))?
+                .spawn(2);
         let busy0 = self.share.busy();
+        // Where the shard's time went: waiting for decoded images, the forward, the writes.
+        let (mut waited, mut forward, mut written) = (0f64, 0f64, 0f64);
         loop {
+            let t = Instant::now();
             let batch = tokio::select! {
                 b = stream.next() => b,
                 _ = self.cancel.cancelled() => {
@@ -561,6 +565,8 @@ impl Worker {
                 }
             };
             let Some(batch) = batch else { break };
+            waited += t.elapsed().as_secs_f64();
+            let t = Instant::now();
             let Some(loaded) = self.loaded.get(&id) else {
                 writer.abort().await;
                 return Err(ReleaseError::Model(format!("release {id} is not loaded")));
@@ -573,6 +579,8 @@ impl Worker {
                     return Err(e.into());
                 }
             };
+            forward += t.elapsed().as_secs_f64();
+            let t = Instant::now();
             // Kafka first (it needs a copy), then the values move into the Parquet column.
             if let Some(k) = &mut self.kafka {
                 let out = EmbeddingBatch {
@@ -589,19 +597,22 @@ impl Worker {
                     return Err(e.into());
                 }
             }
-            if let Err(m) = writer.write(&batch.keys, &batch.class_labels, rows).await {
-                writer.abort().await;
+            let n = batch.keys.len() as u64;
+            if let Err(m) = writer.write(batch.keys, batch.class_labels, rows).await {
                 return Err(self.write_err(&path, m));
             }
-            self.metrics.rows.inc_by(batch.keys.len() as u64);
+            written += t.elapsed().as_secs_f64();
+            self.metrics.rows.inc_by(n);
         }
         self.metrics
             .busy_seconds
             .inc_by((self.share.busy() - busy0).as_secs_f64());
+        let t = Instant::now();
         let (rows, bytes) = writer
             .finish()
             .await
             .map_err(|m| self.write_err(&path, m))?;
+        written += t.elapsed().as_secs_f64();
         if let Some(k) = &mut self.kafka {
             let failed = k.flush().await?;
             if failed > 0 {
@@ -631,7 +642,16 @@ impl Worker {
             .entry(id.clone())
             .or_default()
             .insert(shard.name.clone(), record.clone());
-        tracing::info!(release = %id, shard = %shard.name, rows, rejected, "shard embedded into the release");
+        tracing::info!(
+            release = %id,
+            shard = %shard.name,
+            rows,
+            rejected,
+            input_wait_s = format!("{waited:.2}"),
+            forward_s = format!("{forward:.2}"),
+            write_s = format!("{written:.2}"),
+            "shard embedded into the release"
+        );
         Ok(record)
     }
 
