@@ -39,10 +39,14 @@ pub struct PromoteConfig {
     #[serde(default = "default_min_knn_gain")]
     pub min_knn_gain: f64,
     /// Collapse guard, with or without labels: the candidate's effective rank (RankMe) on the
-    /// reference sample must be at least this fraction of the current release's (of the
-    /// untrained network's for the first release).
+    /// reference sample must be at least this fraction of the current release's ...
     #[serde(default = "default_min_rank_ratio")]
     pub min_rank_ratio: f64,
+    /// ... and at least this, always (the first release has no other reference: an untrained
+    /// network's random features are near full rank, 757–809 on Fashion-MNIST's stage maps
+    /// against 598–629 for trained ones, so it is no yardstick for collapse).
+    #[serde(default = "default_min_effective_rank")]
+    pub min_effective_rank: f64,
 }
 
 fn default_min_interval_secs() -> u64 {
@@ -54,6 +58,9 @@ fn default_min_knn_gain() -> f64 {
 fn default_min_rank_ratio() -> f64 {
     0.5
 }
+fn default_min_effective_rank() -> f64 {
+    16.0
+}
 
 impl Default for PromoteConfig {
     fn default() -> Self {
@@ -62,6 +69,7 @@ impl Default for PromoteConfig {
             min_interval_secs: default_min_interval_secs(),
             min_knn_gain: default_min_knn_gain(),
             min_rank_ratio: default_min_rank_ratio(),
+            min_effective_rank: default_min_effective_rank(),
         }
     }
 }
@@ -202,6 +210,15 @@ impl ReleasesConfig {
                 format!(
                     "{} must be in [0, 1] (a top-1 accuracy difference; 0.005 = half a point)",
                     p.min_knn_gain
+                ),
+            ));
+        }
+        if !(p.min_effective_rank >= 1.0 && p.min_effective_rank.is_finite()) {
+            return Err(bad(
+                "promote.min_effective_rank",
+                format!(
+                    "{} must be at least 1 (a single direction)",
+                    p.min_effective_rank
                 ),
             ));
         }

@@ -467,21 +467,25 @@ pub fn decide(
     untrained: &Measured,
     pixels: Option<&[KnnResult]>,
 ) -> Verdict {
-    let (reference_rank, against) = match current {
-        Some((id, c)) => (c.effective_rank, format!("the current release {id}")),
-        None => (
-            untrained.effective_rank,
-            "the untrained network".to_string(),
-        ),
-    };
-    if cand.effective_rank < cfg.min_rank_ratio * reference_rank {
+    if cand.effective_rank < cfg.min_effective_rank {
         return Verdict::Reject(
             RejectReason::Collapsed,
             format!(
-                "effective rank {:.1} < {} × {:.1} of {against}: the features have collapsed",
-                cand.effective_rank, cfg.min_rank_ratio, reference_rank
+                "effective rank {:.1} < releases.promote.min_effective_rank = {}: the features have collapsed onto a few directions",
+                cand.effective_rank, cfg.min_effective_rank
             ),
         );
+    }
+    if let Some((id, c)) = current {
+        if cand.effective_rank < cfg.min_rank_ratio * c.effective_rank {
+            return Verdict::Reject(
+                RejectReason::Collapsed,
+                format!(
+                    "effective rank {:.1} < {} × {:.1} of the current release {id}: the features have collapsed",
+                    cand.effective_rank, cfg.min_rank_ratio, c.effective_rank
+                ),
+            );
+        }
     }
     let Some(knn) = cand.knn_first() else {
         return Verdict::Promote(match current {
@@ -566,6 +570,11 @@ mod tests {
         assert!(matches!(
             decide(&cfg, &m(10.0, None), None, &untrained, None),
             Verdict::Reject(RejectReason::Collapsed, _)
+        ));
+        // A first release is not measured against the untrained network's (random) rank.
+        assert!(matches!(
+            decide(&cfg, &m(17.0, None), None, &m(400.0, Some(0.8)), None),
+            Verdict::Promote(_)
         ));
         let cur = m(30.0, Some(0.87));
         assert!(matches!(

@@ -114,6 +114,7 @@ impl ReleaseManager {
             worker,
             judge: None,
             deferred: None,
+            judged: None,
             metrics,
             rt,
             cancel,
@@ -170,6 +171,9 @@ struct Manager {
     /// The newest candidate that arrived while a release was being built: judged once that
     /// release is complete.
     deferred: Option<Candidate>,
+    /// The last step whose judgement was final (promoted, or rejected on its figures): the
+    /// last checkpoint of a run is often also a scheduled one, and is offered twice.
+    judged: Option<u64>,
     metrics: ReleaseMetrics,
     rt: tokio::runtime::Handle,
     cancel: CancellationToken,
@@ -279,6 +283,10 @@ impl Manager {
 
     fn try_consider(&mut self, c: &Candidate) -> Result<(), ReleaseError> {
         let p = self.s.cfg.promote.clone();
+        if self.judged == Some(c.step) {
+            tracing::debug!(step = c.step, "release candidate already judged");
+            return Ok(());
+        }
         if c.step < p.min_steps {
             self.reject(
                 c.step,
@@ -375,6 +383,7 @@ impl Manager {
             &self.cancel,
         )?;
         a.export(&self.metrics);
+        self.judged = Some(c.step);
         let why = match a.verdict(&p) {
             Verdict::Reject(reason, why) => {
                 self.reject(c.step, reason, &why);
